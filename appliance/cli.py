@@ -1,0 +1,240 @@
+"""``appliance``: serve the node, check a peer, push studies, list results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, load
+from .manifest import ManifestError
+
+
+def _peer(text: str) -> tuple[str, str, int]:
+    """``AET@HOST:PORT`` -> (ae_title, host, port)."""
+    try:
+        aet, rest = text.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        if not aet or not host:
+            raise ValueError
+        return aet, host.strip("[]"), int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected AET@HOST:PORT, e.g. PACS@10.0.0.5:104") from None
+
+
+class _Progress:
+    """One line that counts up on a terminal; a line per tenth of the work otherwise (logs, CI)."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.tty = total, what, sys.stderr.isatty()
+        self.step = max(1, total // 10)
+
+    def update(self, done: int, note: str = "") -> None:
+        if self.tty:
+            print(f"\r{self.what}: {done}/{self.total} {note}".ljust(60), end="", file=sys.stderr, flush=True)
+        elif done % self.step == 0 or done == self.total:
+            print(f"{self.what}: {done}/{self.total} {note}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def cmd_serve(args) -> int:
+    from .node import Node
+
+    cfg = load(args.config)
+    node = Node(cfg)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        logging.getLogger("appliance").info("signal %s received", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    logging.getLogger("appliance").info(
+        "appliance %s ready: %s on %s:%d, models %s, %d destination(s), data in %s", __version__, cfg.ae_title,
+        cfg.bind, cfg.port, ",".join(sorted(node.packages)), len(cfg.destinations), cfg.data_dir)
+    while not stopping.wait(1.0):
+        pass
+    node.stop()
+    return 0
+
+
+def _scu_ae(calling: str):
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    return ae
+
+
+def cmd_echo(args) -> int:
+    from pynetdicom.sop_class import Verification
+
+    if args.peer:
+        aet, host, port = args.peer
+    else:
+        cfg = load(args.config)
+        aet, host, port = cfg.ae_title, ("127.0.0.1" if cfg.bind == "0.0.0.0" else cfg.bind), cfg.port
+    ae = _scu_ae(args.calling)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        print(f"C-ECHO to {aet}@{host}:{port}: association not established "
+              "(is the node running, and the AE title, host and port right?)", file=sys.stderr)
+        return 2
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        print(f"C-ECHO to {aet}@{host}:{port}: status {code}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO to {aet}@{host}:{port}: success")
+    return 0
+
+
+def _dicom_files(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
+def cmd_push(args) -> int:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    aet, host, port = args.to
+    files, contexts = [], set()
+    for f in _dicom_files(args.paths):
+        try:
+            meta = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            contexts.add((str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
+            files.append(f)
+        except (InvalidDicomError, AttributeError, OSError) as e:
+            print(f"skipping {f}: not a DICOM file with a SOP Class UID ({type(e).__name__})", file=sys.stderr)
+    if not files:
+        print("nothing to send", file=sys.stderr)
+        return 1
+    ae = _scu_ae(args.calling)
+    by_class: dict[str, set[str]] = {}
+    for sop_class, syntax in contexts:
+        by_class.setdefault(sop_class, set()).add(syntax)
+    if len(by_class) > 128:
+        print("more than 128 SOP classes in one push; split it", file=sys.stderr)
+        return 2
+    for sop_class, syntaxes in by_class.items():
+        ae.add_requested_context(sop_class, sorted(syntaxes))
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        print(f"push to {aet}@{host}:{port}: association not established", file=sys.stderr)
+        return 2
+    progress = _Progress(len(files), f"C-STORE to {aet}")
+    failures = 0
+    try:
+        for i, f in enumerate(files, 1):
+            status = assoc.send_c_store(f)
+            code = getattr(status, "Status", None)
+            if code not in (0x0000, 0xB000, 0xB006, 0xB007):
+                failures += 1
+                print(f"\n{f}: status {'none' if code is None else f'0x{code:04X}'}", file=sys.stderr)
+            progress.update(i, f"({failures} failed)" if failures else "")
+    finally:
+        progress.close()
+        if assoc.is_established:
+            assoc.release()
+    print(f"sent {len(files) - failures} of {len(files)} instance(s) to {aet}@{host}:{port}")
+    return 1 if failures else 0
+
+
+def cmd_results(args) -> int:
+    from .index import Index
+
+    cfg = load(args.config)
+    db_path = Path(cfg.data_dir) / "index.sqlite"
+    if not db_path.exists():
+        print(f"no results yet: {db_path} does not exist", file=sys.stderr)
+        return 0
+    rows = Index(db_path).query(
+        """SELECT r.*, (SELECT group_concat(o.destination || ':' || o.state, ' ') FROM outbox o
+                        WHERE o.result_id = r.id) AS deliveries
+           FROM results r ORDER BY r.produced_at DESC LIMIT ?""", (args.limit,))
+    out = []
+    for r in rows:
+        found = json.loads(r["findings"])
+        latency = (r["delivered_at"] or r["produced_at"]) - r["ready_at"]
+        out.append({
+            "study_date": r["study_date"], "study_time": r["study_time"], "modality": r["modality"],
+            "model": f"{r['model']} {r['model_version']}",
+            "findings": [{k: f[k] for k in ("name", "probability", "present", "critical")} for f in found],
+            "latency_s": round(latency, 3), "delivered": r["deliveries"] or "kept locally",
+            "sop_instance_uid": r["sop_instance_uid"], "file": str(Path(cfg.data_dir) / "results" / r["path"]),
+        })
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'study date':<10} {'time':<6} {'mod':<4} {'model':<18} {'findings':<44} {'latency':>8}  delivery")
+    for r in out:
+        text = ", ".join(f"{f['name']} {'PRESENT' if f['present'] else 'absent'} {f['probability']:.2f}"
+                         f"{' CRITICAL' if f['critical'] else ''}" for f in r["findings"])
+        print(f"{r['study_date'] or '-':<10} {(r['study_time'] or '-')[:6]:<6} {r['modality']:<4} "
+              f"{r['model']:<18} {text:<44} {r['latency_s']:>7.2f}s  {r['delivered']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("APPLIANCE_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the DICOM node")
+    p.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("echo", help="C-ECHO a DICOM node (default: this node, from --config)")
+    p.add_argument("peer", nargs="?", type=_peer, help="AET@HOST:PORT")
+    p.add_argument("--config")
+    p.add_argument("--calling", default="APPLIANCE-SCU", help="calling AE title")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("push", help="send DICOM files or folders by C-STORE")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--to", required=True, type=_peer, help="AET@HOST:PORT")
+    p.add_argument("--calling", default="APPLIANCE-SCU", help="calling AE title")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("results", help="list the results the node produced (no patient names)")
+    p.add_argument("--config")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_results)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ConfigError, ManifestError, FileNotFoundError) as e:
+        print(f"appliance: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The node's configuration: one TOML file, every key with a documented default.
+
+``appliance serve`` with no file gives a working node (the defaults below, the bundled demo model,
+the default route).  ``appliance.example.toml`` documents every key.  A wrong key or value stops
+start-up with a :class:`ConfigError` that names the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .manifest import BUNDLED_DIR
+
+#: PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash or control
+#: characters; leading and trailing spaces are not significant.
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+PRIORITIES = {"stat": 0, "urgent": 1, "routine": 2}
+ROUTE_ATTRIBUTES = ("Modality", "BodyPartExamined", "SOPClassUID")
+
+#: Storage SOP classes of projection radiographs: CR, DX (for presentation / for processing).
+RADIOGRAPH_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.1",       # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1",     # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",   # Digital X-Ray Image Storage - For Processing
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    #: DICOM keyword -> accepted values; every listed attribute must match (case-insensitive).
+    match: dict[str, tuple[str, ...]]
+    models: tuple[str, ...]
+    priority: int
+
+    def matches(self, attributes: dict[str, str]) -> bool:
+        for keyword, accepted in self.match.items():
+            value = (attributes.get(keyword) or "").strip().upper()
+            if value not in accepted:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Config:
+    ae_title: str = "APPLIANCE"
+    bind: str = "0.0.0.0"
+    port: int = 11112
+    data_dir: Path = Path("data")
+    network_timeout: float = 60.0
+    max_pdu: int = 0
+    quiet_seconds: float = 5.0
+    metrics_enabled: bool = True
+    metrics_bind: str = "127.0.0.1"
+    metrics_port: int = 9109
+    model_dirs: tuple[Path, ...] = ()
+    inference_threads: int = 0
+    job_attempts: int = 3
+    retry_initial_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    refused_attempts: int = 5
+    delivery_timeout: float = 30.0
+    destinations: tuple[Destination, ...] = ()
+    routes: tuple[Route, ...] = field(default_factory=lambda: (DEFAULT_ROUTE,))
+
+    @property
+    def model_search_path(self) -> list[Path]:
+        return [*self.model_dirs, BUNDLED_DIR]
+
+
+#: With no ``[[routes]]``: CR and DX chest radiographs go to the demo package.
+DEFAULT_ROUTE = Route(
+    name="chest-radiographs",
+    match={"Modality": ("CR", "DX"), "BodyPartExamined": ("CHEST",), "SOPClassUID": RADIOGRAPH_SOP_CLASSES},
+    models=("cxr-triage",),
+    priority=PRIORITIES["urgent"],
+)
+
+
+def load(path: str | Path | None) -> Config:
+    """Read ``path`` (or nothing: all defaults) into a validated :class:`Config`."""
+    if path is None:
+        return parse({})
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(doc, base=path.parent)
+
+
+def parse(doc: dict[str, Any], base: Path | None = None) -> Config:
+    d = Config()
+    t = _Table(doc, "")
+    node = t.table("node")
+    completion = t.table("completion")
+    metrics = t.table("metrics")
+    models = t.table("models")
+    inference = t.table("inference")
+    delivery = t.table("delivery")
+    data_dir = Path(node.string("data_dir", str(d.data_dir)))
+    if base is not None and not data_dir.is_absolute():
+        data_dir = base / data_dir
+    cfg = Config(
+        ae_title=node.ae_title("ae_title", d.ae_title),
+        bind=node.address("bind", d.bind),
+        port=node.port("port", d.port),
+        data_dir=data_dir,
+        network_timeout=node.number("network_timeout", d.network_timeout, minimum=1),
+        max_pdu=node.integer("max_pdu", d.max_pdu, minimum=0),
+        quiet_seconds=completion.number("quiet_seconds", d.quiet_seconds, minimum=0.1),
+        metrics_enabled=metrics.boolean("enabled", d.metrics_enabled),
+        metrics_bind=metrics.address("bind", d.metrics_bind),
+        metrics_port=metrics.port("port", d.metrics_port),
+        model_dirs=tuple(_resolve(Path(p), base) for p in models.strings("dirs", [])),
+        inference_threads=inference.integer("threads", d.inference_threads, minimum=0),
+        job_attempts=inference.integer("attempts", d.job_attempts, minimum=1),
+        retry_initial_seconds=delivery.number("retry_initial_seconds", d.retry_initial_seconds, minimum=0.01),
+        retry_max_seconds=delivery.number("retry_max_seconds", d.retry_max_seconds, minimum=0.01),
+        refused_attempts=delivery.integer("refused_attempts", d.refused_attempts, minimum=1),
+        delivery_timeout=delivery.number("timeout_seconds", d.delivery_timeout, minimum=1),
+        destinations=tuple(_destination(x) for x in t.tables("destinations")),
+        routes=tuple(_route(x) for x in t.tables("routes")) or (DEFAULT_ROUTE,),
+    )
+    for table in (node, completion, metrics, models, inference, delivery, t):
+        table.done()
+    names = [x.name for x in cfg.destinations]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"destinations: names must be unique, got {names}")
+    return cfg
+
+
+def _resolve(p: Path, base: Path | None) -> Path:
+    return p if p.is_absolute() or base is None else base / p
+
+
+def _destination(t: "_Table") -> Destination:
+    dest = Destination(name=t.string("name"), ae_title=t.ae_title("ae_title"),
+                       host=t.string("host"), port=t.port("port"))
+    t.done()
+    return dest
+
+
+def _route(t: "_Table") -> Route:
+    match_table = t.table("match")
+    match: dict[str, tuple[str, ...]] = {}
+    for keyword in match_table.doc:
+        if keyword not in ROUTE_ATTRIBUTES:
+            raise ConfigError(f"{match_table.prefix}{keyword}: routes match on {', '.join(ROUTE_ATTRIBUTES)}")
+        match[keyword] = tuple(v.strip().upper() for v in match_table.strings(keyword))
+    match_table.done()
+    models = t.strings("models")
+    if not models:
+        raise ConfigError(f"{t.prefix}models = []: expected at least one model package name")
+    priority = t.string("priority", "routine")
+    if priority not in PRIORITIES:
+        raise ConfigError(f"{t.prefix}priority = {priority!r}: expected one of {', '.join(PRIORITIES)}")
+    route = Route(name=t.string("name"), match=match, models=tuple(models), priority=PRIORITIES[priority])
+    t.done()
+    return route
+
+
+_MISSING = object()
+
+
+class _Table:
+    """Typed, remembered access to one TOML table, for error messages that name the key."""
+
+    def __init__(self, doc: Any, prefix: str):
+        self.doc, self.prefix, self.seen = doc, prefix, set()
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.seen.add(key)
+        if key in self.doc:
+            return self.doc[key]
+        if default is _MISSING:
+            raise ConfigError(f"{self.prefix}{key} is required")
+        return default
+
+    def _bad(self, key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{self.prefix}{key} = {value!r}: expected {expected}")
+
+    def table(self, key: str) -> "_Table":
+        value = self._get(key, {})
+        if not isinstance(value, dict):
+            raise self._bad(key, value, f"a table [{self.prefix}{key}]")
+        return _Table(value, f"{self.prefix}{key}.")
+
+    def tables(self, key: str) -> list["_Table"]:
+        value = self._get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self._bad(key, value, f"an array of tables [[{key}]]")
+        return [_Table(v, f"{key}[{i}].") for i, v in enumerate(value)]
+
+    def string(self, key: str, default: Any = _MISSING) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str) or not value:
+            raise self._bad(key, value, "a non-empty string")
+        return value
+
+    def strings(self, key: str, default: Any = _MISSING) -> list[str]:
+        value = self._get(key, default)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self._bad(key, value, "a list of non-empty strings")
+        return value
+
+    def boolean(self, key: str, default: Any = _MISSING) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "true or false")
+        return value
+
+    def integer(self, key: str, default: Any = _MISSING, minimum: int | None = None) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            raise self._bad(key, value, "an integer" + (f" >= {minimum}" if minimum is not None else ""))
+        return value
+
+    def number(self, key: str, default: Any = _MISSING, minimum: float | None = None) -> float:
+        value = self._get(key, default)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (minimum is not None and value < minimum)):
+            raise self._bad(key, value, "a number" + (f" >= {minimum}" if minimum is not None else ""))
+        return float(value)
+
+    def port(self, key: str, default: Any = _MISSING) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise self._bad(key, value, "a TCP port number from 1 to 65535")
+        return value
+
+    def address(self, key: str, default: Any = _MISSING) -> str:
+        value = self._get(key, default)
+        try:
+            ipaddress.ip_address(value)
+        except (ValueError, TypeError):
+            raise self._bad(key, value, "an IP address to listen on, e.g. \"0.0.0.0\" or \"127.0.0.1\"") from None
+        return value
+
+    def ae_title(self, key: str, default: Any = _MISSING) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
+            raise self._bad(key, value, "an AE title: 1 to 16 characters, no backslash or control characters")
+        return value.strip()
+
+    def done(self) -> None:
+        for key in self.doc:
+            if key not in self.seen:
+                raise ConfigError(f"unknown key {self.prefix}{key}; see appliance.example.toml for the keys "
+                                  f"of [{self.prefix.rstrip('.') or 'top level'}]")
