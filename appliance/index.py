@@ -103,8 +103,7 @@ class Index:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self.transaction() as db:
-            db.executescript(SCHEMA)
+        self.connection().executescript(SCHEMA)  # executescript manages its own transaction
 
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
