@@ -113,8 +113,11 @@ _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
 _TYPE1_NEEDED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                  "Modality", "Rows", "Columns")
 _BULK_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel Data, Float, Double Float
+_DA_RE = re.compile(r"^[0-9]{8}$")
+_TM_RE = re.compile(r"^[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?$")
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_MODALITY_CODES = {code.value: code for code in (getattr(codes.cid29, k) for k in codes.cid29.dir())}
+#: CID 33 "Modality": the acquisition modalities of CID 29 plus the rest (OT, for one).
+_MODALITY_CODES = {c.value: c for c in (getattr(codes.cid33, k) for k in codes.cid33.dir())}
 
 
 class ReportError(ValueError):
@@ -220,8 +223,9 @@ def build_report(
         if item.PurposeOfReferenceCodeSequence[0].CodeValue == codes.DCM.ProcessingEquipment.value:
             item.ContributionDateTime = DT(when)
     if when.utcoffset() is not None:
-        offset = int(when.utcoffset().total_seconds() // 60)
-        sr.TimezoneOffsetFromUTC = f"{'+' if offset >= 0 else '-'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
+        minutes = int(when.utcoffset().total_seconds() // 60)
+        sign = "+" if minutes >= 0 else "-"
+        sr.TimezoneOffsetFromUTC = f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
     return sr
 
 
@@ -239,7 +243,8 @@ def _lo(text: str) -> str:
 def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
     """Header-only copies of the sources, with absent Type 2 attributes present and empty."""
     if not sources:
-        raise ReportError("no source instances; a report needs the instances the findings are about")
+        raise ReportError("no source instances; a report needs the instances its findings are "
+                          "about")
     result = []
     for n, src in enumerate(sources, start=1):
         for keyword in _TYPE1_NEEDED:
@@ -256,6 +261,8 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
                 setattr(header, keyword, None)
         if header.PatientSex not in (None, "", "M", "F", "O"):
             header.PatientSex = None        # PS3.3 C.7.1.1: M, F or O; anything else is unknown
+        for keyword, vr in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+            setattr(header, keyword, _conformant(header[keyword].value, vr))
         result.append(header)
     studies = {ds.StudyInstanceUID for ds in result}
     if len(studies) > 1:
@@ -264,7 +271,26 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
     return result
 
 
+def _conformant(value: object, vr: type) -> str | None:
+    """``value`` as a conformant DA or TM string (PS3.5 6.2), or None where it cannot be one.
+
+    highdicom refuses non-conformant dates and times; old ACR-NEMA style values ("14:04:38",
+    "1997.04.24") are kept without their separators, anything else is left empty (Type 2).
+    """
+    text = "" if value is None else str(value).strip()
+    pattern, separators = (_DA_RE, ".-/") if vr is DA else (_TM_RE, ":")
+    for candidate in (text, text.translate({ord(c): None for c in separators})):
+        if pattern.match(candidate):
+            try:
+                vr(candidate)
+            except ValueError:
+                return None
+            return candidate
+    return None
+
+
 def _procedure_reported(evidence: Sequence[Dataset], pkg: ModelPackage) -> DicomCode:
+    """TID 1500 row 3 Procedure Reported, from the sources' modality and the package's body part."""
     if not all(ds.Modality in _RADIOGRAPHIC_MODALITIES for ds in evidence):
         return IMAGING_PROCEDURE
     chest = pkg.applicability.body_parts == ("CHEST",) or all(
@@ -284,15 +310,16 @@ def _measurement_groups(
 ) -> list[MeasurementsAndQualitativeEvaluations]:
     """One TID 1501 Measurement Group per finding."""
     if not findings:
-        raise ReportError(f"no findings for package {pkg.name!r}; postprocessing.findings gives one "
-                          "per manifest output, and a report needs at least one")
+        raise ReportError(f"no findings for package {pkg.name!r}; postprocessing.findings gives "
+                          "one per manifest output, and a report needs at least one")
     seen = set()
     groups = []
     for finding in findings:
         out = finding.output
         if out not in pkg.outputs:
             raise ReportError(f"finding for output {out.name!r} is not an output of package "
-                              f"{pkg.name!r} {pkg.version}; report findings of the package that ran")
+                              f"{pkg.name!r} {pkg.version}; report the findings of the package "
+                              "that ran")
         if out.name in seen:
             raise ReportError(f"two findings for output {out.name!r}; report each output once")
         seen.add(out.name)
@@ -332,7 +359,7 @@ def _image_library(evidence: Sequence[Dataset]) -> ContainerContentItem:
         modality = _MODALITY_CODES.get(ds.Modality)
         if modality is None:
             raise ReportError(f"source instance {ds.SOPInstanceUID} has Modality {ds.Modality!r}, "
-                              "not a CID 29 acquisition modality; the sender must correct it")
+                              "not a CID 33 modality; the sender must correct it")
         # TID 1602 / 1603 descriptors, each only where the source has it.
         descriptors = [CodeContentItem(codes.DCM.Modality, modality, acq)]
         if "FrameOfReferenceUID" in ds:
@@ -344,8 +371,10 @@ def _image_library(evidence: Sequence[Dataset]) -> ContainerContentItem:
                                           relationship_type=acq))
         orientation = ds.get("PatientOrientation")
         if orientation is not None and len(orientation) == 2:
-            descriptors.append(TextContentItem(codes.DCM.PatientOrientationRow, orientation[0], acq))
-            descriptors.append(TextContentItem(codes.DCM.PatientOrientationColumn, orientation[1], acq))
+            descriptors.append(TextContentItem(codes.DCM.PatientOrientationRow,
+                                               orientation[0], acq))
+            descriptors.append(TextContentItem(codes.DCM.PatientOrientationColumn,
+                                               orientation[1], acq))
         spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
         if spacing is not None and len(spacing) == 2:
             descriptors.append(NumContentItem(codes.DCM.HorizontalPixelSpacing, float(spacing[1]),
@@ -374,7 +403,7 @@ def _image_library(evidence: Sequence[Dataset]) -> ContainerContentItem:
 # --- Reading ---------------------------------------------------------------------------------
 
 def read_report(ds: Dataset) -> list[ReportedFinding]:
-    """The findings of a TID 1500 report written by :func:`build_report`, one per Measurement Group.
+    """The findings of a TID 1500 report made by :func:`build_report`, one per Measurement Group.
 
     Walks the SR content tree (PS3.3 C.17.3) with pydicom alone: Imaging Measurements (DCM 126010)
     -> Measurement Group (DCM 125007, TID 1501) -> Finding (DCM 121071), the presence evaluation
@@ -398,6 +427,10 @@ def _name(item: Dataset) -> tuple[str, str] | None:
     if not seq:
         return None
     return (str(seq[0].CodeValue), str(seq[0].CodingSchemeDesignator))
+
+
+def _code_key(code: DicomCode) -> tuple[str, str]:
+    return (code.value, code.scheme_designator)
 
 
 def _code_value(item: Dataset) -> tuple[str, str]:
@@ -430,8 +463,8 @@ def _read_group(group: Dataset) -> ReportedFinding:
         raise ReportError(f"the presence of {label} is coded {value[1]} {value[0]}, "
                           "not Present or Absent (CID 240)")
 
-    certainty = [i for i in items if i.ValueType == "NUM"
-                 and _name(i) == (CERTAINTY_OF_FINDING.value, CERTAINTY_OF_FINDING.scheme_designator)]
+    certainty = [i for i in items
+                 if i.ValueType == "NUM" and _name(i) == _code_key(CERTAINTY_OF_FINDING)]
     if not certainty or not certainty[0].get("MeasuredValueSequence"):
         raise ReportError(f"the Measurement Group for {label} has no Certainty of Finding "
                           "(DCM 111012) value")
@@ -448,8 +481,8 @@ def _read_group(group: Dataset) -> ReportedFinding:
                           "'%' or '1'")
 
     critical = None
-    flags = [i for i in codes_ if _name(i) == (CRITICAL_FINDING.value, CRITICAL_FINDING.scheme_designator)]
+    flags = [i for i in codes_ if _name(i) == _code_key(CRITICAL_FINDING)]
     if flags:
-        critical = _code_value(flags[0]) == (YES.value, YES.scheme_designator)
+        critical = _code_value(flags[0]) == _code_key(YES)
     return ReportedFinding(finding=finding, present=present, probability=probability,
                            critical=critical)

@@ -42,7 +42,8 @@ def pkg(tmp_path):
     return load_package(folder)
 
 
-def dx_image(*, full: bool = True, study_uid: str | None = None, series_uid: str | None = None) -> Dataset:
+def dx_image(*, full: bool = True, study_uid: str | None = None,
+             series_uid: str | None = None) -> Dataset:
     """A small Digital X-Ray Image - For Presentation instance; ``full=False`` leaves out the
     Type 2 patient/study attributes and the positioning a real scanner often omits."""
     ds = Dataset()
@@ -122,12 +123,14 @@ def assert_valid(ds: Dataset, path: Path) -> None:
     assert errors == []
 
 
+@pytest.mark.peers
 def test_report_on_a_complete_dx_source_passes_dciodvfy_without_errors(pkg, tmp_path):
     sr = report_for([dx_image()], pkg)
     assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
     assert_valid(sr, tmp_path / "sr.dcm")
 
 
+@pytest.mark.peers
 def test_source_missing_type2_attributes_still_gives_a_dciodvfy_clean_report(pkg, tmp_path):
     src = dx_image(full=False)
     assert not any(k in src for k in TYPE2)
@@ -136,6 +139,20 @@ def test_source_missing_type2_attributes_still_gives_a_dciodvfy_clean_report(pkg
     for keyword in TYPE2:                       # present and empty, as PS3.3 allows for Type 2
         assert keyword in sr and sr[keyword].is_empty, keyword
     assert [f.present for f in read_report(sr)] == [True, False]
+
+
+@pytest.mark.peers
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the ACR-NEMA values, on purpose
+def test_cr_source_with_acr_nema_dates_and_empty_orientation_gives_a_clean_report(pkg, tmp_path):
+    src = dx_image()
+    src.SOPClassUID = src.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR
+    src.Modality = "CR"
+    src.PatientOrientation = None               # Type 2 in the CR Image module: present, empty
+    del src.ImagerPixelSpacing
+    src.StudyDate, src.StudyTime = "2024.03.01", "14:00:00"
+    sr = report_for([src], pkg)
+    assert (str(sr.StudyDate), str(sr.StudyTime)) == ("20240301", "140000")
+    assert_valid(sr, tmp_path / "sr.dcm")
 
 
 def test_report_is_written_as_explicit_vr_little_endian(pkg, tmp_path):
