@@ -66,8 +66,7 @@ class Node:
         if recovered:
             log.info("%d job(s) interrupted by the last stop will run again", recovered)
         metrics.OUTBOX_DEPTH.set(outbox.depth(self.index))
-        for runtime in self.runtimes.values():
-            runtime.warm_up()
+        self.pipeline.warm_up()
         if self.cfg.metrics_enabled:
             metrics.serve(self.cfg.metrics_bind, self.cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_bind, self.cfg.metrics_port)

@@ -19,8 +19,6 @@ class Runtime(Protocol):
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
-    def warm_up(self) -> None: ...
-
 
 class OnnxRuntime:
     """A model package's ``model.onnx`` in an ONNX Runtime CPU session."""
@@ -43,11 +41,6 @@ class OnnxRuntime:
             if out.tensor not in self.output_names:
                 raise ValueError(f"{package.onnx_path}: no output named {out.tensor!r} "
                                  f"(outputs.tensor of {out.name}); the model has {self.output_names}")
-
-    def warm_up(self) -> None:
-        """One inference on zeros, so the first study does not pay for allocation and kernel choice."""
-        pkg = self.package
-        self.run(np.zeros((1, pkg.input_channels, pkg.input_height, pkg.input_width), np.float32))
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         results = self.session.run(None, {self.package.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
