@@ -7,18 +7,13 @@ start-up with a :class:`ConfigError` that names the key, the value and what was 
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .manifest import BUNDLED_DIR
-
-#: PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash or control
-#: characters; leading and trailing spaces are not significant.
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+from .tomltable import Table
 
 PRIORITIES = {"stat": 0, "urgent": 1, "routine": 2}
 ROUTE_ATTRIBUTES = ("Modality", "BodyPartExamined", "SOPClassUID")
@@ -112,13 +107,13 @@ def load(path: str | Path | None) -> Config:
 
 def parse(doc: dict[str, Any], base: Path | None = None) -> Config:
     d = Config()
-    t = _Table(doc, "")
-    node = t.table("node")
-    completion = t.table("completion")
-    metrics = t.table("metrics")
-    models = t.table("models")
-    inference = t.table("inference")
-    delivery = t.table("delivery")
+    t = Table(doc, "", ConfigError, unknown_hint="; appliance.example.toml lists every key")
+    node = t.table("node", {})
+    completion = t.table("completion", {})
+    metrics = t.table("metrics", {})
+    models = t.table("models", {})
+    inference = t.table("inference", {})
+    delivery = t.table("delivery", {})
     data_dir = Path(node.string("data_dir", str(d.data_dir)))
     if base is not None and not data_dir.is_absolute():
         data_dir = base / data_dir
@@ -155,15 +150,15 @@ def _resolve(p: Path, base: Path | None) -> Path:
     return p if p.is_absolute() or base is None else base / p
 
 
-def _destination(t: "_Table") -> Destination:
+def _destination(t: Table) -> Destination:
     dest = Destination(name=t.string("name"), ae_title=t.ae_title("ae_title"),
                        host=t.string("host"), port=t.port("port"))
     t.done()
     return dest
 
 
-def _route(t: "_Table") -> Route:
-    match_table = t.table("match")
+def _route(t: Table) -> Route:
+    match_table = t.table("match", {})
     match: dict[str, tuple[str, ...]] = {}
     for keyword in match_table.doc:
         if keyword not in ROUTE_ATTRIBUTES:
@@ -173,99 +168,7 @@ def _route(t: "_Table") -> Route:
     models = t.strings("models")
     if not models:
         raise ConfigError(f"{t.prefix}models = []: expected at least one model package name")
-    priority = t.string("priority", "routine")
-    if priority not in PRIORITIES:
-        raise ConfigError(f"{t.prefix}priority = {priority!r}: expected one of {', '.join(PRIORITIES)}")
+    priority = t.choice("priority", PRIORITIES, "routine")
     route = Route(name=t.string("name"), match=match, models=tuple(models), priority=PRIORITIES[priority])
     t.done()
     return route
-
-
-_MISSING = object()
-
-
-class _Table:
-    """Typed, remembered access to one TOML table, for error messages that name the key."""
-
-    def __init__(self, doc: Any, prefix: str):
-        self.doc, self.prefix, self.seen = doc, prefix, set()
-
-    def _get(self, key: str, default: Any) -> Any:
-        self.seen.add(key)
-        if key in self.doc:
-            return self.doc[key]
-        if default is _MISSING:
-            raise ConfigError(f"{self.prefix}{key} is required")
-        return default
-
-    def _bad(self, key: str, value: Any, expected: str) -> ConfigError:
-        return ConfigError(f"{self.prefix}{key} = {value!r}: expected {expected}")
-
-    def table(self, key: str) -> "_Table":
-        value = self._get(key, {})
-        if not isinstance(value, dict):
-            raise self._bad(key, value, f"a table [{self.prefix}{key}]")
-        return _Table(value, f"{self.prefix}{key}.")
-
-    def tables(self, key: str) -> list["_Table"]:
-        value = self._get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self._bad(key, value, f"an array of tables [[{key}]]")
-        return [_Table(v, f"{key}[{i}].") for i, v in enumerate(value)]
-
-    def string(self, key: str, default: Any = _MISSING) -> str:
-        value = self._get(key, default)
-        if not isinstance(value, str) or not value:
-            raise self._bad(key, value, "a non-empty string")
-        return value
-
-    def strings(self, key: str, default: Any = _MISSING) -> list[str]:
-        value = self._get(key, default)
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise self._bad(key, value, "a list of non-empty strings")
-        return value
-
-    def boolean(self, key: str, default: Any = _MISSING) -> bool:
-        value = self._get(key, default)
-        if not isinstance(value, bool):
-            raise self._bad(key, value, "true or false")
-        return value
-
-    def integer(self, key: str, default: Any = _MISSING, minimum: int | None = None) -> int:
-        value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-            raise self._bad(key, value, "an integer" + (f" >= {minimum}" if minimum is not None else ""))
-        return value
-
-    def number(self, key: str, default: Any = _MISSING, minimum: float | None = None) -> float:
-        value = self._get(key, default)
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or (minimum is not None and value < minimum)):
-            raise self._bad(key, value, "a number" + (f" >= {minimum}" if minimum is not None else ""))
-        return float(value)
-
-    def port(self, key: str, default: Any = _MISSING) -> int:
-        value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise self._bad(key, value, "a TCP port number from 1 to 65535")
-        return value
-
-    def address(self, key: str, default: Any = _MISSING) -> str:
-        value = self._get(key, default)
-        try:
-            ipaddress.ip_address(value)
-        except (ValueError, TypeError):
-            raise self._bad(key, value, "an IP address to listen on, e.g. \"0.0.0.0\" or \"127.0.0.1\"") from None
-        return value
-
-    def ae_title(self, key: str, default: Any = _MISSING) -> str:
-        value = self._get(key, default)
-        if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
-            raise self._bad(key, value, "an AE title: 1 to 16 characters, no backslash or control characters")
-        return value.strip()
-
-    def done(self) -> None:
-        for key in self.doc:
-            if key not in self.seen:
-                raise ConfigError(f"unknown key {self.prefix}{key}; see appliance.example.toml for the keys "
-                                  f"of [{self.prefix.rstrip('.') or 'top level'}]")

@@ -13,7 +13,8 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from .tomltable import Table
 
 #: The demo packages that ship inside the distribution.
 BUNDLED_DIR = Path(__file__).resolve().parent / "model_packages"
@@ -116,13 +117,13 @@ def load_package(path: str | Path) -> ModelPackage:
         raise ManifestError(f"{manifest}: no manifest; a model package is a folder with manifest.toml") from None
     except tomllib.TOMLDecodeError as e:
         raise ManifestError(f"{manifest}: not valid TOML: {e}") from None
-    r = _Reader(manifest, doc)
+    r = Table(doc, "", lambda message: ManifestError(f"{manifest}: {message}"))
     model = r.table("model")
     pre = r.table("preprocessing")
     inp = r.table("input")
     app = r.table("applicability")
     window = None
-    if "window" in pre.doc:
+    if pre.has("window"):
         w = pre.table("window")
         window = Window(w.number("center"), w.number("width", positive=True))
         w.done()
@@ -142,9 +143,9 @@ def load_package(path: str | Path) -> ModelPackage:
     )
     pre.done()
     outputs = []
-    for o in r.array_of_tables("outputs"):
-        positive = o.number("threshold_positive", lo=0.0, hi=1.0)
-        critical = o.number("threshold_critical", lo=0.0, hi=1.0, default=1.0)
+    for o in r.tables("outputs"):
+        positive = o.number("threshold_positive", minimum=0.0, maximum=1.0)
+        critical = o.number("threshold_critical", 1.0, minimum=0.0, maximum=1.0)
         if critical < positive:
             raise ManifestError(f"{manifest}: outputs.threshold_critical = {critical} is below "
                                 f"threshold_positive = {positive}; a critical finding must also be positive")
@@ -153,8 +154,8 @@ def load_package(path: str | Path) -> ModelPackage:
             tensor=o.string("tensor"),
             index=o.integer("index", minimum=0),
             activation=o.choice("activation", ACTIVATIONS, default="sigmoid"),
-            finding=o.code("finding"),
-            finding_site=o.code("finding_site") if "finding_site" in o.doc else None,
+            finding=_code(o, "finding"),
+            finding_site=_code(o, "finding_site") if o.has("finding_site") else None,
             threshold_positive=positive,
             threshold_critical=critical,
         ))
@@ -179,7 +180,7 @@ def load_package(path: str | Path) -> ModelPackage:
         input_width=inp.integer("width", minimum=1),
         input_channels=channels,
         max_batch=inp.integer("max_batch", minimum=1, default=8),
-        heatmap_tensor=model.string("heatmap_tensor", default="") or None,
+        heatmap_tensor=model.string("heatmap_tensor", None),
         preprocessing=preprocessing,
         applicability=Applicability(
             modalities=tuple(app.strings("modalities")),
@@ -189,15 +190,22 @@ def load_package(path: str | Path) -> ModelPackage:
                 "photometric_interpretations", default=["MONOCHROME1", "MONOCHROME2"])),
         ),
         outputs=tuple(outputs),
-        hashes=dict(r.doc.get("hashes", {})),
+        hashes=dict(r.table("hashes", {}).doc),
     )
     model.done()
     inp.done()
     app.done()
-    r.known("model", "input", "preprocessing", "applicability", "outputs", "hashes")
+    r.done()
     if not pkg.onnx_path.is_file():
         raise ManifestError(f"{manifest}: model.file = {pkg.model_file!r} does not exist in {path}")
     return pkg
+
+
+def _code(t: Table, key: str) -> Code:
+    c = t.table(key)
+    code = Code(value=c.string("value"), scheme=c.string("scheme"), meaning=c.string("meaning"))
+    c.done()
+    return code
 
 
 def find_package(name: str, search: list[Path]) -> ModelPackage:
@@ -209,93 +217,3 @@ def find_package(name: str, search: list[Path]) -> ModelPackage:
     where = ", ".join(str(p) for p in search)
     raise ManifestError(f"model package {name!r} not found in {where}; "
                         "add its folder to [models] dirs or fix the route's model name")
-
-
-_MISSING = object()
-
-
-class _Reader:
-    """Typed access to one TOML table that remembers which keys were read."""
-
-    def __init__(self, file: Path, doc: dict[str, Any], prefix: str = ""):
-        self.file, self.doc, self.prefix, self.seen = file, doc, prefix, set()
-
-    def _get(self, key: str, default: Any, expected: str) -> Any:
-        self.seen.add(key)
-        if key in self.doc:
-            return self.doc[key]
-        if default is _MISSING:
-            raise ManifestError(f"{self.file}: missing {self.prefix}{key} ({expected})")
-        return default
-
-    def _bad(self, key: str, value: Any, expected: str) -> ManifestError:
-        return ManifestError(f"{self.file}: {self.prefix}{key} = {value!r}: expected {expected}")
-
-    def table(self, key: str) -> "_Reader":
-        value = self._get(key, _MISSING, "a table")
-        if not isinstance(value, dict):
-            raise self._bad(key, value, "a table")
-        return _Reader(self.file, value, f"{self.prefix}{key}.")
-
-    def array_of_tables(self, key: str) -> list["_Reader"]:
-        value = self._get(key, [], "an array of tables")
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self._bad(key, value, "an array of tables ([[...]])")
-        return [_Reader(self.file, v, f"{self.prefix}{key}[{i}].") for i, v in enumerate(value)]
-
-    def string(self, key: str, default: Any = _MISSING) -> str:
-        value = self._get(key, default, "a string")
-        if not isinstance(value, str):
-            raise self._bad(key, value, "a string")
-        return value
-
-    def strings(self, key: str, default: Any = _MISSING) -> list[str]:
-        value = self._get(key, default, "a list of strings")
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self._bad(key, value, "a list of strings")
-        return value
-
-    def choice(self, key: str, allowed: tuple[str, ...], default: Any = _MISSING) -> str:
-        value = self._get(key, default, f"one of {', '.join(allowed)}")
-        if value not in allowed:
-            raise self._bad(key, value, f"one of {', '.join(allowed)}")
-        return value
-
-    def integer(self, key: str, minimum: int | None = None, default: Any = _MISSING) -> int:
-        value = self._get(key, default, "an integer")
-        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-            raise self._bad(key, value, "an integer" + (f" >= {minimum}" if minimum is not None else ""))
-        return value
-
-    def number(self, key: str, lo: float | None = None, hi: float | None = None,
-               positive: bool = False, default: Any = _MISSING) -> float:
-        value = self._get(key, default, "a number")
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi) and (not positive or value > 0)
-        if not ok:
-            rng = f" in [{lo}, {hi}]" if lo is not None else (" > 0" if positive else "")
-            raise self._bad(key, value, "a number" + rng)
-        return float(value)
-
-    def numbers(self, key: str, positive: bool = False) -> list[float]:
-        value = self._get(key, _MISSING, "a list of numbers")
-        if (not isinstance(value, list) or not value
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-                or (positive and not all(v > 0 for v in value))):
-            raise self._bad(key, value, "a non-empty list of numbers" + (" > 0" if positive else ""))
-        return [float(v) for v in value]
-
-    def code(self, key: str) -> Code:
-        t = self.table(key)
-        c = Code(value=t.string("value"), scheme=t.string("scheme"), meaning=t.string("meaning"))
-        t.done()
-        return c
-
-    def known(self, *keys: str) -> None:
-        for key in self.doc:
-            if key not in keys:
-                raise ManifestError(f"{self.file}: unknown key {self.prefix}{key}; "
-                                    f"expected one of {', '.join(keys)}")
-
-    def done(self) -> None:
-        self.known(*self.seen)
