@@ -48,24 +48,38 @@ class _Progress:
 
 
 def cmd_serve(args) -> int:
+    from . import logs, sdnotify
     from .node import Node
 
     cfg = load(args.config)
+    logs.configure(args.log_level or cfg.log_level, cfg.log_format)
+    log = logging.getLogger("appliance")
+    if cfg.include_phi:
+        log.warning("[logging] include_phi is on: log lines carry Patient IDs and Accession Numbers",
+                    extra={"event": "node.phi_logging"})
     node = Node(cfg)
     stopping = threading.Event()
 
     def on_signal(signum, frame):
-        logging.getLogger("appliance").info("signal %s received", signal.Signals(signum).name)
+        log.info("signal %s received", signal.Signals(signum).name, extra={"event": "node.stopping"})
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     node.start()
-    logging.getLogger("appliance").info(
-        "appliance %s ready: %s on %s:%d, models %s, %d destination(s), data in %s", __version__, cfg.ae_title,
-        cfg.bind, cfg.port, ",".join(sorted(node.packages)), len(cfg.destinations), cfg.data_dir)
-    while not stopping.wait(1.0):
-        pass
+    summary = (f"{cfg.ae_title} on {cfg.bind}:{cfg.port}, models {','.join(sorted(node.packages))}, "
+               f"{len(cfg.destinations)} destination(s), data in {cfg.data_dir}")
+    log.info("appliance %s ready: %s", __version__, summary, extra={"event": "node.ready"})
+    sdnotify.notify("READY=1", f"STATUS=serving {summary}")
+    # The watchdog is fed from this loop, so a node whose main loop stalls stops feeding it and
+    # systemd restarts it.  The loop also checks that the stages' threads are alive.
+    watchdog = sdnotify.Watchdog(sdnotify.watchdog_interval())
+    while not stopping.wait(min(1.0, watchdog.interval or 1.0)):
+        if node.healthy():
+            watchdog.alive()
+        else:
+            log.error("a stage thread died; no longer feeding the watchdog", extra={"event": "node.unhealthy"})
+    sdnotify.notify("STOPPING=1")
     node.stop()
     return 0
 
@@ -197,10 +211,51 @@ def cmd_results(args) -> int:
     return 0
 
 
+def _since(text: str) -> float:
+    """An ISO date/time (UTC unless it says otherwise), or a duration like 30m, 12h, 7d, before now."""
+    from datetime import datetime, timezone
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units and text[:-1].isdigit():
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an ISO date/time (2026-11-21T08:00) "
+                                         "or a duration such as 30m, 12h, 7d") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def cmd_audit(args) -> int:
+    from . import audit
+    from .index import Index
+
+    cfg = load(args.config)
+    db_path = Path(cfg.data_dir) / "index.sqlite"
+    if not db_path.exists():
+        print(f"no audit trail yet: {db_path} does not exist", file=sys.stderr)
+        return 0
+    rows = audit.query(Index(db_path), args.since, args.event or None, args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["ts"]))
+        detail = " ".join(f"{k}={r[k]}" for k in audit.COLUMNS if r.get(k) and k != "findings")
+        if r.get("findings"):
+            detail += " findings=" + ",".join(
+                f"{f['name']}:{f['probability']:.2f}{'+' if f['present'] else '-'}" for f in json.loads(r["findings"]))
+        print(f"{when} {r['event']:<15} {detail}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("APPLIANCE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get("APPLIANCE_LOG_LEVEL"),
+                        help="DEBUG, INFO, WARNING or ERROR (serve: overrides [logging] level)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the DICOM node")
@@ -225,11 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_results)
 
+    p = sub.add_parser("audit", help="what came in, was produced, delivered or failed (no patient names)")
+    p.add_argument("--config")
+    p.add_argument("--since", type=_since, default="24h", help="ISO date/time or duration (default 24h)")
+    p.add_argument("--event", action="append", help="only these events (repeatable): received, refused, "
+                   "routed, unrouted, produced, rejected, failed, delivered, delivery_failed, dead_lettered")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("pynetdicom", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from . import logs
+
+    logs.configure(args.log_level or "INFO", "text")  # serve re-configures from its config file
     try:
         return args.func(args)
     except (ConfigError, ManifestError, FileNotFoundError) as e:

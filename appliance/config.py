@@ -16,6 +16,7 @@ from .manifest import BUNDLED_DIR
 from .tomltable import Table
 
 PRIORITIES = {"stat": 0, "urgent": 1, "routine": 2}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ROUTE_ATTRIBUTES = ("Modality", "BodyPartExamined", "SOPClassUID")
 
 #: Storage SOP classes of projection radiographs: CR, DX (for presentation / for processing).
@@ -62,6 +63,7 @@ class Config:
     data_dir: Path = Path("data")
     network_timeout: float = 60.0
     max_pdu: int = 0
+    min_free_mb: int = 1024
     quiet_seconds: float = 5.0
     metrics_enabled: bool = True
     metrics_bind: str = "127.0.0.1"
@@ -73,6 +75,9 @@ class Config:
     retry_max_seconds: float = 300.0
     refused_attempts: int = 5
     delivery_timeout: float = 30.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+    include_phi: bool = False
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = field(default_factory=lambda: (DEFAULT_ROUTE,))
 
@@ -114,6 +119,7 @@ def parse(doc: dict[str, Any], base: Path | None = None) -> Config:
     models = t.table("models", {})
     inference = t.table("inference", {})
     delivery = t.table("delivery", {})
+    logging_ = t.table("logging", {})
     data_dir = Path(node.string("data_dir", str(d.data_dir)))
     if base is not None and not data_dir.is_absolute():
         data_dir = base / data_dir
@@ -124,6 +130,7 @@ def parse(doc: dict[str, Any], base: Path | None = None) -> Config:
         data_dir=data_dir,
         network_timeout=node.number("network_timeout", d.network_timeout, minimum=1),
         max_pdu=node.integer("max_pdu", d.max_pdu, minimum=0),
+        min_free_mb=node.integer("min_free_mb", d.min_free_mb, minimum=0),
         quiet_seconds=completion.number("quiet_seconds", d.quiet_seconds, minimum=0.1),
         metrics_enabled=metrics.boolean("enabled", d.metrics_enabled),
         metrics_bind=metrics.address("bind", d.metrics_bind),
@@ -135,10 +142,13 @@ def parse(doc: dict[str, Any], base: Path | None = None) -> Config:
         retry_max_seconds=delivery.number("retry_max_seconds", d.retry_max_seconds, minimum=0.01),
         refused_attempts=delivery.integer("refused_attempts", d.refused_attempts, minimum=1),
         delivery_timeout=delivery.number("timeout_seconds", d.delivery_timeout, minimum=1),
+        log_level=logging_.choice("level", LOG_LEVELS, d.log_level),
+        log_format=logging_.choice("format", ("json", "text"), d.log_format),
+        include_phi=logging_.boolean("include_phi", d.include_phi),
         destinations=tuple(_destination(x) for x in t.tables("destinations")),
         routes=tuple(_route(x) for x in t.tables("routes")) or (DEFAULT_ROUTE,),
     )
-    for table in (node, completion, metrics, models, inference, delivery, t):
+    for table in (node, completion, metrics, models, inference, delivery, logging_, t):
         table.done()
     names = [x.name for x in cfg.destinations]
     if len(set(names)) != len(names):

@@ -18,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
                                   SegmentationStorage)
 
-from . import metrics, outbox
+from . import audit, metrics, outbox
 from .config import Config, Destination
 from .index import Index
 
@@ -49,7 +49,8 @@ class Delivery:
         """Send every due outbox row; return when the next one is due (None if none is pending)."""
         now = time.time() if now is None else now
         rows = self.index.query(
-            """SELECT o.id, o.destination, o.attempts, o.refusals, o.result_id, r.path, r.ready_at
+            """SELECT o.id, o.destination, o.attempts, o.refusals, o.result_id, r.path, r.ready_at,
+                      r.sop_instance_uid, r.study_uid, r.model
                FROM outbox o JOIN results r ON r.id = o.result_id
                WHERE o.state = 'pending' AND o.next_attempt <= ? ORDER BY o.id""", (now,))
         by_destination: dict[str, list] = {}
@@ -70,7 +71,8 @@ class Delivery:
         assoc = self.ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         if not assoc.is_established:
             why = "association rejected" if assoc.is_rejected else "association not established"
-            log.warning("delivery to %s failed: %s; %d result(s) will be retried", dest.name, why, len(batch))
+            log.warning("delivery to %s failed: %s; %d result(s) will be retried", dest.name, why, len(batch),
+                        extra={"event": "delivery.failed", "destination": dest.name, "reason": why})
             self._failed(batch, why, refused=False)
             return
         try:
@@ -78,14 +80,18 @@ class Delivery:
                 if not assoc.is_established:
                     self._failed([row], "association lost", refused=False)
                     continue
+                start = time.perf_counter()
                 status = assoc.send_c_store(self.results_dir / row["path"])
+                metrics.DELIVERY_SECONDS.labels(dest.name).observe(time.perf_counter() - start)
                 code = getattr(status, "Status", None)
                 if code in STORED:
                     self._sent(row, dest, f"0x{code:04X}")
                 elif code is None:
                     self._failed([row], "no response", refused=False)
                 else:
-                    log.warning("delivery to %s refused with status 0x%04X", dest.name, code)
+                    log.warning("delivery to %s refused with status 0x%04X", dest.name, code,
+                                extra={"event": "delivery.refused", "destination": dest.name,
+                                       "result": row["result_id"], "status": f"0x{code:04X}"})
                     self._failed([row], f"0x{code:04X}", refused=True)
         finally:
             if assoc.is_established:
@@ -100,10 +106,14 @@ class Delivery:
                               (row["result_id"],)).fetchone()[0]
             if left == 0:
                 db.execute("UPDATE results SET delivered_at = ? WHERE id = ?", (now, row["result_id"]))
+            audit.record(db, "delivered", study_uid=row["study_uid"], sop_instance_uid=row["sop_instance_uid"],
+                         model=row["model"], destination=dest.name, status=status)
         metrics.DELIVERIES.labels(dest.name, "success").inc()
         if left == 0:
             metrics.END_TO_END.observe(max(0.0, now - row["ready_at"]))
-        log.info("result delivered to %s (status %s)", dest.name, status)
+        log.info("result delivered to %s (status %s)", dest.name, status,
+                 extra={"event": "result.delivered", "result": row["result_id"], "destination": dest.name,
+                        "end_to_end_s": round(now - row["ready_at"], 3) if left == 0 else None})
 
     def _failed(self, rows: list, why: str, refused: bool) -> None:
         now = time.time()
@@ -115,9 +125,15 @@ class Delivery:
                 db.execute("UPDATE outbox SET attempts = ?, refusals = ?, state = ?, next_attempt = ?, "
                            "last_status = ? WHERE id = ?",
                            (attempts, refusals, state, now + self._backoff(attempts), why, row["id"]))
+                if attempts == 1 or state == "dead":  # the trail records the first failure and the end,
+                    # not every retry of a weekend-long PACS outage; the outbox counts the attempts
+                    audit.record(db, "dead_lettered" if state == "dead" else "delivery_failed",
+                                 study_uid=row["study_uid"], sop_instance_uid=row["sop_instance_uid"],
+                                 model=row["model"], destination=row["destination"], status=why)
                 if state == "dead":
                     log.error("result dead-lettered for %s after %d refusals (%s)", row["destination"],
-                              refusals, why)
+                              refusals, why, extra={"event": "result.dead_lettered", "result": row["result_id"],
+                                                    "destination": row["destination"]})
         for row in rows:
             metrics.DELIVERIES.labels(row["destination"], "refused" if refused else "failure").inc()
 

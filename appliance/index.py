@@ -93,6 +93,23 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (result_id, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+
+CREATE TABLE IF NOT EXISTS audit (
+    id               INTEGER PRIMARY KEY,
+    ts               REAL NOT NULL,
+    event            TEXT NOT NULL,
+    calling_ae       TEXT,
+    sop_class_uid    TEXT,
+    study_uid        TEXT,
+    series_uid       TEXT,
+    sop_instance_uid TEXT,
+    model            TEXT,
+    findings         TEXT,
+    destination      TEXT,
+    status           TEXT,
+    detail           TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts);
 """
 
 

@@ -12,13 +12,15 @@ is left is durable in the index and is picked up at the next start.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
-from . import assembly, metrics, outbox, queue, routing
-from .config import Config
+from . import __version__, assembly, metrics, outbox, queue, routing
+from .config import PRIORITIES, Config
 from .delivery import Delivery
+from .exposition import OpsServer
 from .index import Index
 from .manifest import ModelPackage, find_package
 from .pipeline import Pipeline
@@ -27,6 +29,8 @@ from .scp import StorageSCP
 from .spool import Spool
 
 log = logging.getLogger("appliance.node")
+
+PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
 #: A job's lease: longer than any job takes, short enough that a crashed worker's job is retried
 #: soon after a restart (at start-up every lease is released anyway).
@@ -58,24 +62,73 @@ class Node:
         self._released_lock = threading.Lock()
         self._released_series: set[str] = set()
         self._threads: list[threading.Thread] = []
+        self.ops: OpsServer | None = None
+        self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         recovered = queue.release_leases(self.index)
         if recovered:
-            log.info("%d job(s) interrupted by the last stop will run again", recovered)
-        metrics.OUTBOX_DEPTH.set(outbox.depth(self.index))
-        self.pipeline.warm_up()
+            log.info("%d job(s) interrupted by the last stop will run again", recovered,
+                     extra={"event": "queue.recovered", "jobs": recovered})
+        metrics.BUILD_INFO.info({"version": __version__, "runtime": "onnxruntime", "device": "cpu"})
         if self.cfg.metrics_enabled:
-            metrics.serve(self.cfg.metrics_bind, self.cfg.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_bind, self.cfg.metrics_port)
+            self.ops = OpsServer(self.cfg.metrics_bind, self.cfg.metrics_port, self.readiness_checks(),
+                                 self.update_gauges)
+            self.ops.start()
+            log.info("metrics on http://%s:%d/metrics, health on /healthz and /readyz", self.cfg.metrics_bind,
+                     self.cfg.metrics_port, extra={"event": "ops.listening"})
+        for name in self.packages:
+            metrics.MODEL_LOADED.labels(name).set(0)
+        self.pipeline.warm_up()
+        for name in self.packages:
+            metrics.MODEL_LOADED.labels(name).set(1)
         for target, name in ((self._assembly_loop, "assembly"), (self._worker_loop, "worker"),
                              (self._delivery_loop, "delivery")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         self.scp.start()
+        self.ready = True
+
+    def healthy(self) -> bool:
+        """True while every stage thread is running."""
+        return all(t.is_alive() for t in self._threads)
+
+    # -- what ops see ----------------------------------------------------------------------------
+
+    def readiness_checks(self) -> dict:
+        def scp():
+            return self.scp.listening, f"{self.cfg.ae_title} on port {self.cfg.port}"
+
+        def index():
+            with self.index.transaction() as db:  # BEGIN IMMEDIATE takes the write lock
+                db.execute("SELECT 1")
+            return True, "writable"
+
+        def models():
+            loaded = self.ready
+            return loaded, ("loaded: " if loaded else "loading: ") + ",".join(sorted(self.packages))
+
+        def disk():
+            free = self.spool.free_mb()
+            return free >= self.cfg.min_free_mb, f"{free:.0f} MiB free, watermark {self.cfg.min_free_mb} MiB"
+
+        return {"scp": scp, "index": index, "models": models, "disk": disk}
+
+    def update_gauges(self) -> None:
+        """Gauges read from the index when Prometheus scrapes, so they are never stale."""
+        depth = queue.depth(self.index)
+        for priority, name in PRIORITY_NAMES.items():
+            metrics.QUEUE_DEPTH.labels(name).set(depth.get(priority, 0))
+        metrics.OUTBOX_DEPTH.set(outbox.depth(self.index))
+        oldest = self.index.query("SELECT min(r.produced_at) AS t FROM outbox o JOIN results r ON r.id = o.result_id "
+                                  "WHERE o.state = 'pending'")[0]["t"]
+        metrics.OUTBOX_OLDEST.set(time.time() - oldest if oldest else 0.0)
+        metrics.SPOOL_BYTES.set(self.index.query("SELECT coalesce(sum(size), 0) AS n FROM instances")[0]["n"])
+        st = os.statvfs(self.data_dir)
+        metrics.DISK_FREE.set(st.f_bavail * st.f_frsize)
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         log.info("stopping: no new associations")
@@ -89,7 +142,9 @@ class Node:
             event.set()
         for t in self._threads:
             t.join(timeout=grace_seconds)
-        log.info("stopped")
+        if self.ops is not None:
+            self.ops.stop()
+        log.info("stopped", extra={"event": "node.stopped"})
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -124,6 +179,9 @@ class Node:
             if job is None:
                 self._wake_worker.wait(1.0)
                 continue
+            if job.attempts == 1:
+                metrics.QUEUE_WAIT.labels(PRIORITY_NAMES.get(job.priority, "routine")).observe(
+                    max(0.0, time.time() - job.created_at))
             if job.model not in self.runtimes:
                 # A route changed since the job was queued; its package is not loaded.
                 log.error("job %d names model %s, which no route loads; failed", job.id, job.model)

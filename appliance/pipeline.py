@@ -11,13 +11,14 @@ from __future__ import annotations
 import io
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 
-from . import metrics, outbox, queue, uids
+from . import audit, metrics, outbox, queue, uids
 from .config import Config
 from .index import Index
 from .manifest import ModelPackage
@@ -66,25 +67,31 @@ class Pipeline:
             build_report([ds], pkg, found, series_instance_uid=uid + ".1", sop_instance_uid=uid + ".2")
 
     def run(self, job: queue.Job) -> Outcome:
+        fields = {"job": job.id, "model": job.model, "attempt": job.attempts}
         try:
             outcome = self._run(job)
         except InputRejected as e:
-            log.warning("job %d: %s cannot take series: %s (%s); kept, not inferred", job.id, job.model, e, e.reason)
+            log.warning("%s cannot take the series: %s; kept, not inferred", job.model, e,
+                        extra={"event": "job.rejected", "reason": e.reason, **fields})
             metrics.INPUTS_REJECTED.labels(job.model, e.reason).inc()
             metrics.INFERENCES.labels(job.model, "rejected").inc()
             with self.index.transaction() as db:
                 queue.finish(db, job, "rejected", e.reason)
+                audit.record(db, "rejected", series_uid=job.series_uid, model=job.model, status=e.reason,
+                             detail=str(e))
             return Outcome("rejected", e.reason)
         except Exception as e:
             metrics.INFERENCES.labels(job.model, "error").inc()
             reason = type(e).__name__
             if job.attempts >= self.cfg.job_attempts:
-                log.exception("job %d (%s) failed for good after %d attempts", job.id, job.model, job.attempts)
+                log.exception("job failed for good after %d attempts", job.attempts,
+                              extra={"event": "job.failed", "reason": reason, **fields})
                 with self.index.transaction() as db:
                     queue.finish(db, job, "failed", reason)
+                    audit.record(db, "failed", series_uid=job.series_uid, model=job.model, status=reason)
                 return Outcome("failed", reason)
-            log.exception("job %d (%s) failed (attempt %d of %d); will retry", job.id, job.model,
-                          job.attempts, self.cfg.job_attempts)
+            log.exception("job failed (attempt %d of %d); will retry", job.attempts, self.cfg.job_attempts,
+                          extra={"event": "job.retry", "reason": reason, **fields})
             queue.retry_later(self.index, job, 2.0 * job.attempts, reason)
             return Outcome("retry", reason)
         metrics.INFERENCES.labels(job.model, "success").inc()
@@ -93,38 +100,52 @@ class Pipeline:
     def _run(self, job: queue.Job) -> Outcome:
         runtime = self.runtimes[job.model]
         pkg = runtime.package
-        series = self.index.query("SELECT * FROM series WHERE series_uid = ?", (job.series_uid,))[0]
+        series = self.index.query("SELECT rowid AS id, * FROM series WHERE series_uid = ?", (job.series_uid,))[0]
+        stage = _StageTimer(pkg.name)
         sources, inputs, rejection = [], [], None
         for path in self.spool.instance_paths(job.series_uid):
-            ds = pydicom.dcmread(path)
+            with stage("decode"):
+                ds = pydicom.dcmread(path)
             try:
-                inputs.append(prepare_instance(ds, pkg))
+                with stage("preprocess"):
+                    inputs.append(prepare_instance(ds, pkg))
             except InputRejected as e:
                 rejection = rejection or e
                 continue
             sources.append(ds)
         if not inputs:
             raise rejection or InputRejected("empty", "the series has no instances")
-        outputs = self._infer(runtime, np.stack(inputs))
+        with stage("inference"):
+            outputs = self._infer(runtime, np.stack(inputs))
         found = findings(pkg, outputs)
         sop_uid = uids.result_instance_uid(job.series_uid, pkg.device_uid, pkg.version)
         series_uid = uids.result_series_uid(job.series_uid, pkg.device_uid, pkg.version)
-        report = build_report(sources, pkg, found, series_instance_uid=series_uid, sop_instance_uid=sop_uid)
-        buffer = io.BytesIO()
-        report.save_as(buffer, enforce_file_format=True)
-        name = f"{sop_uid}.dcm"  # our own derived UID, never one from the wire
-        write_durably(self.results_dir, name, buffer.getbuffer())
+        with stage("report"):
+            report = build_report(sources, pkg, found, series_instance_uid=series_uid, sop_instance_uid=sop_uid)
+            buffer = io.BytesIO()
+            report.save_as(buffer, enforce_file_format=True)
+            name = f"{sop_uid}.dcm"  # our own derived UID, never one from the wire
+            write_durably(self.results_dir, name, buffer.getbuffer())
         record = outbox.ResultRecord(
             sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=series["study_uid"],
             source_series_uid=job.series_uid, model=pkg.name, model_version=pkg.version, path=Path(name),
             modality=series["modality"], study_date=series["study_date"], study_time=series["study_time"],
             findings=found, ready_at=series["ready_at"] or time.time())
         with self.index.transaction() as db:
-            outbox.add(db, record, self.destinations)
+            result_id = outbox.add(db, record, self.destinations)
             queue.finish(db, job, "done")
-        log.info("job %d: %s on %d image(s): %s", job.id, pkg.name, len(inputs),
+            audit.record(db, "produced", study_uid=series["study_uid"], series_uid=job.series_uid,
+                         sop_instance_uid=sop_uid, model=f"{pkg.name} {pkg.version}",
+                         findings=outbox.findings_json(found))
+        for f in found:
+            for level, reached in (("positive", f.present), ("critical", f.critical)):
+                if reached:
+                    metrics.FINDINGS.labels(pkg.name, f.output.name, level).inc()
+        log.info("result produced from %d image(s): %s", len(inputs),
                  ", ".join(f"{f.output.name}={f.probability:.3f}{' present' if f.present else ''}"
-                           f"{' CRITICAL' if f.critical else ''}" for f in found))
+                           f"{' CRITICAL' if f.critical else ''}" for f in found),
+                 extra={"event": "job.done", "job": job.id, "series": series["id"], "result": result_id,
+                        "model": pkg.name, "critical": any(f.critical for f in found), **stage.seconds})
         return Outcome("done", findings=found)
 
     @staticmethod
@@ -135,6 +156,25 @@ class Pipeline:
             for name, value in runtime.run(batch[start:start + pkg.max_batch]).items():
                 parts.setdefault(name, []).append(value)
         return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+class _StageTimer:
+    """Times the stages of one job into ``appliance_stage_seconds`` and keeps the totals for the log."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            metrics.STAGE_SECONDS.labels(stage, self.model).observe(elapsed)
+            key = f"{stage}_s"
+            self.seconds[key] = round(self.seconds.get(key, 0.0) + elapsed, 4)
 
 
 def _blank_image(pkg: ModelPackage) -> pydicom.Dataset:

@@ -20,6 +20,7 @@ class Job:
     model: str
     priority: int
     attempts: int
+    created_at: float
 
 
 def take(index: Index, lease_seconds: float, now: float | None = None) -> Job | None:
@@ -34,8 +35,9 @@ def take(index: Index, lease_seconds: float, now: float | None = None) -> Job | 
             return None
         job = db.execute(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_until = ? WHERE id = ? "
-            "RETURNING id, series_uid, model, priority, attempts", (now + lease_seconds, row["id"])).fetchone()
-    return Job(job["id"], job["series_uid"], job["model"], job["priority"], job["attempts"])
+            "RETURNING id, series_uid, model, priority, attempts, created_at",
+            (now + lease_seconds, row["id"])).fetchone()
+    return Job(job["id"], job["series_uid"], job["model"], job["priority"], job["attempts"], job["created_at"])
 
 
 def release_leases(index: Index) -> int:
@@ -56,5 +58,8 @@ def retry_later(index: Index, job: Job, delay: float, reason: str) -> None:
                    "WHERE id = ?", (time.time() + delay, reason, job.id))
 
 
-def depth(index: Index) -> int:
-    return index.query("SELECT count(*) AS n FROM jobs WHERE state IN ('pending', 'running')")[0]["n"]
+def depth(index: Index) -> dict[int, int]:
+    """Jobs waiting or running, by priority."""
+    rows = index.query("SELECT priority, count(*) AS n FROM jobs WHERE state IN ('pending', 'running') "
+                       "GROUP BY priority")
+    return {r["priority"]: r["n"] for r in rows}

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Sequence
 
-from . import metrics
+from . import audit, metrics
 from .config import Route
 from .index import Index
 
@@ -29,16 +29,18 @@ def choose(routes: Sequence[Route], attributes: dict[str, str]) -> Route | None:
 def route_ready(index: Index, routes: Sequence[Route]) -> int:
     """Route every ready series: enqueue a job per model, or mark it unrouted.  Returns jobs made."""
     jobs = 0
-    rows = index.query("SELECT series_uid, modality, body_part, sop_class_uid FROM series "
-                       "WHERE state = 'ready' ORDER BY ready_at")
+    rows = index.query("SELECT rowid AS id, series_uid, study_uid, modality, body_part, sop_class_uid, ready_by "
+                       "FROM series WHERE state = 'ready' ORDER BY ready_at")
     for row in rows:
         attributes = {"Modality": row["modality"], "BodyPartExamined": row["body_part"],
                       "SOPClassUID": row["sop_class_uid"]}
         route = choose(routes, attributes)
         now = time.time()
         with index.transaction() as db:
+            uids = {"study_uid": row["study_uid"], "series_uid": row["series_uid"]}
             if route is None:
                 db.execute("UPDATE series SET state = 'unrouted' WHERE series_uid = ?", (row["series_uid"],))
+                audit.record(db, "unrouted", sop_class_uid=row["sop_class_uid"], **uids)
             else:
                 db.execute("UPDATE series SET state = 'routed', route = ? WHERE series_uid = ?",
                            (route.name, row["series_uid"]))
@@ -46,10 +48,15 @@ def route_ready(index: Index, routes: Sequence[Route]) -> int:
                     db.execute("INSERT OR IGNORE INTO jobs (series_uid, model, priority, state, created_at) "
                                "VALUES (?, ?, ?, 'pending', ?)", (row["series_uid"], model, route.priority, now))
                 jobs += len(route.models)
+                audit.record(db, "routed", model=",".join(route.models), detail=f"route {route.name}", **uids)
+        fields = {"series": row["id"], "completed_by": row["ready_by"], "modality": row["modality"] or "-",
+                  "body_part": row["body_part"] or "-", "sop_class": row["sop_class_uid"]}
         if route is None:
             metrics.SERIES_UNROUTED.inc()
-            log.info("series unrouted: modality=%s body_part=%s sop_class=%s; kept, not processed",
-                     row["modality"] or "-", row["body_part"] or "-", row["sop_class_uid"])
+            log.info("series complete, no route matches: kept, not processed",
+                     extra={"event": "series.unrouted", **fields})
         else:
-            log.info("series routed: route=%s models=%s", route.name, ",".join(route.models))
+            metrics.SERIES_ROUTED.inc()
+            log.info("series complete, routed to %s", ",".join(route.models),
+                     extra={"event": "series.routed", "route": route.name, **fields})
     return jobs

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import audit
 from .index import Index
 
 #: PS3.5 9.1: a UID is digit components separated by dots, at most 64 characters.
@@ -38,6 +39,14 @@ class InstanceInfo:
     body_part: str
     study_date: str
     study_time: str
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Identifiers the node assigned to a stored instance and its series (rows of the index)."""
+
+    instance_id: int
+    series_id: int
 
 
 def fsync_dir(path: Path) -> None:
@@ -83,10 +92,14 @@ class Spool:
             self._dirs.add(folder)
         return folder
 
-    def store(self, encoded: bytes, info: InstanceInfo, calling_ae: str) -> bool:
-        """Make the instance durable.  Returns False if it was already stored (idempotent)."""
+    def free_mb(self) -> float:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize / 2**20
+
+    def store(self, encoded: bytes, info: InstanceInfo, calling_ae: str) -> Stored | None:
+        """Make the instance durable.  Returns None if it was already stored (idempotent)."""
         if self.contains(info.sop_instance_uid):
-            return False
+            return None
         name = uuid.uuid4().hex
         path = write_durably(self._folder(name), name + ".dcm", encoded)
         now = time.time()
@@ -96,23 +109,29 @@ class Spool:
                     "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
                     (info.sop_instance_uid, info.sop_class_uid, info.study_uid, info.series_uid,
                      info.transfer_syntax, str(path.relative_to(self.root)), len(encoded), calling_ae, now))
-                new = cur.rowcount == 1
-                if new:
-                    db.execute(
+                stored = None
+                if cur.rowcount == 1:
+                    instance_id = cur.lastrowid
+                    series_id = db.execute(
                         """INSERT INTO series (series_uid, study_uid, modality, body_part, sop_class_uid,
                                                study_date, study_time, state, instance_count,
                                                first_received, last_received)
                            VALUES (?,?,?,?,?,?,?,'receiving',1,?,?)
                            ON CONFLICT(series_uid) DO UPDATE SET
-                               instance_count = instance_count + 1, last_received = excluded.last_received""",
+                               instance_count = instance_count + 1, last_received = excluded.last_received
+                           RETURNING rowid""",
                         (info.series_uid, info.study_uid, info.modality, info.body_part, info.sop_class_uid,
-                         info.study_date, info.study_time, now, now))
+                         info.study_date, info.study_time, now, now)).fetchone()[0]
+                    audit.record(db, "received", calling_ae=calling_ae, sop_class_uid=info.sop_class_uid,
+                                 study_uid=info.study_uid, series_uid=info.series_uid,
+                                 sop_instance_uid=info.sop_instance_uid)
+                    stored = Stored(instance_id, series_id)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        if not new:  # a concurrent association stored the same instance first
+        if stored is None:  # a concurrent association stored the same instance first
             path.unlink(missing_ok=True)
-        return new
+        return stored
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         rows = self.index.query(
