@@ -41,6 +41,7 @@ DEBIAN_PACKAGES = {
     "dciodvfy": "dicom3tools",
     "prometheus": "prometheus",
     "promtool": "prometheus",
+    "systemd-analyze": "systemd",
 }
 
 # Orthanc lives in /usr/sbin, which is not on a normal user's PATH.
