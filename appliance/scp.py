@@ -80,7 +80,8 @@ class StorageSCP:
 
     @property
     def active_associations(self) -> int:
-        return len(self.ae.active_associations)
+        """Associations established and in use; a TCP connection that never asked for one does not count."""
+        return sum(1 for a in self.ae.active_associations if a.is_established)
 
     def shutdown(self) -> None:
         self.stop_accepting()

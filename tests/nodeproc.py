@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,15 +38,15 @@ class NodeProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "NodeProcess":
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
         self.process = spawn([sys.executable, "-m", "appliance", "serve", "--config", str(self.config)],
                              self.log_path, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()}")
-            if "ready:" in self.log_path.read_text(errors="replace"):
-                with socket.create_connection((LOOPBACK, self.port), timeout=1):
-                    return self
+            if "ready:" in self.log_path.read_text(errors="replace")[offset:]:
+                return self  # logged after the SCP listens
             time.sleep(0.05)
         raise TimeoutError(f"node not ready after {timeout} s:\n{self.log()}")
 
