@@ -285,6 +285,7 @@ def test_node_is_ready_after_its_port_listens_pings_the_watchdog_and_says_when_i
                     pings.append(datagram)
         assert len(pings) >= 3, explain(f"{len(pings)} WATCHDOG=1 in 6 s with WATCHDOG_USEC=2000000")
         gaps = [b.at - a.at for a, b in zip([ready] + pings, pings)]
+        # (0.25 s for this test reading a datagram later than it arrived, on a loaded machine)
         assert max(gaps) < 2.0 + 0.25, explain(f"watchdog gaps {gaps} reach the 2 s timeout")
         assert all(p.pid == node.pid for p in pings)
 
