@@ -69,5 +69,7 @@ OUTBOX_OLDEST = Gauge(
     "appliance_outbox_oldest_age_seconds", "Age of the oldest result still waiting for delivery (0 if none).")
 SPOOL_BYTES = Gauge("appliance_spool_bytes", "Bytes of received instances kept in the spool.")
 DISK_FREE = Gauge("appliance_disk_free_bytes", "Free bytes on the file system that holds data_dir.")
+READY = Gauge(
+    "appliance_ready", "1 when every readiness check passes (as /readyz), 0 otherwise; by check.", ["check"])
 MODEL_LOADED = Gauge(
     "appliance_model_loaded", "1 when a model package is loaded and warmed up, 0 when it failed.", ["model"])

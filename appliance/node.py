@@ -64,6 +64,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self.ops: OpsServer | None = None
         self.ready = False
+        self._checks = self.readiness_checks()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -74,8 +75,7 @@ class Node:
                      extra={"event": "queue.recovered", "jobs": recovered})
         metrics.BUILD_INFO.info({"version": __version__, "runtime": "onnxruntime", "device": "cpu"})
         if self.cfg.metrics_enabled:
-            self.ops = OpsServer(self.cfg.metrics_bind, self.cfg.metrics_port, self.readiness_checks(),
-                                 self.update_gauges)
+            self.ops = OpsServer(self.cfg.metrics_bind, self.cfg.metrics_port, self._checks, self.update_gauges)
             self.ops.start()
             log.info("metrics on http://%s:%d/metrics, health on /healthz and /readyz", self.cfg.metrics_bind,
                      self.cfg.metrics_port, extra={"event": "ops.listening"})
@@ -129,6 +129,12 @@ class Node:
         metrics.SPOOL_BYTES.set(self.index.query("SELECT coalesce(sum(size), 0) AS n FROM instances")[0]["n"])
         st = os.statvfs(self.data_dir)
         metrics.DISK_FREE.set(st.f_bavail * st.f_frsize)
+        for name, check in self._checks.items():
+            try:
+                ok = check()[0]
+            except Exception:
+                ok = False
+            metrics.READY.labels(name).set(1 if ok else 0)
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         log.info("stopping: no new associations")

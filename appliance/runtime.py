@@ -24,6 +24,9 @@ class OnnxRuntime:
     """A model package's ``model.onnx`` in an ONNX Runtime CPU session."""
 
     def __init__(self, package: ModelPackage, threads: int = 0):
+        # ONNX Runtime keeps a usage-telemetry database under $HOME unless told not to; a medical
+        # device records nothing it was not asked to.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime as ort
 
         self.package = package
