@@ -171,7 +171,7 @@ def test_alert_annotations_name_no_patient():
     # Annotations may only use labels the catalogue has, and none of those is about a patient.
     rules_text = "\n".join(line for line in ALERTS.read_text().splitlines() if not line.lstrip().startswith("#"))
     used = set(re.findall(r"\$labels\.([A-Za-z_]+)", rules_text))
-    assert used <= {"instance", "job", "model", "destination", "priority", "reason", "stage", "finding", "level"}
+    assert used <= {"instance", "job", "model", "destination", "priority", "reason", "stage", "finding", "level", "check"}
     assert not re.search(r"patient|accession|birth|\$labels\.(?:ae|calling)", rules_text, re.I)
 
 
