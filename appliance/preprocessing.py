@@ -147,19 +147,27 @@ def instance_window(ds: Dataset) -> tuple[Window | None, str]:
     return (w if w.width > 0 else None), str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
 
 
-def modality_values(ds: Dataset) -> np.ndarray:
-    """Stored pixels with the Modality LUT's rescale applied (PS3.3 C.11.1), as float32.
-
-    pydicom already masks the stored values to Bits Stored and sign-extends signed data.
-    """
+def stored_pixels(ds: Dataset) -> np.ndarray:
+    """The decoded 2-D pixel array.  pydicom masks the stored values to Bits Stored and
+    sign-extends signed data."""
     try:
         pixels = ds.pixel_array
     except Exception as e:  # the decoder's message names the transfer syntax, not the patient
         raise InputRejected("decode", f"pixel data cannot be decoded: {type(e).__name__}: {e}") from None
     if pixels.ndim != 2:
         raise InputRejected("shape", f"expected a 2-D image, got pixel array of shape {pixels.shape}")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return pixels
+
+
+def rescale(ds: Dataset) -> tuple[float, float]:
+    """Rescale Slope and Intercept of the Modality LUT (PS3.3 C.11.1.1.2); 1 and 0 when absent."""
+    return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+
+
+def modality_values(ds: Dataset) -> np.ndarray:
+    """Stored pixels with the Modality LUT's rescale applied (PS3.3 C.11.1), as float32."""
+    pixels = stored_pixels(ds)
+    slope, intercept = rescale(ds)
     values = pixels.astype(np.float32)
     if slope != 1.0 or intercept != 0.0:
         values = values * np.float32(slope) + np.float32(intercept)
