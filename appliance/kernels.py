@@ -21,6 +21,7 @@ a few microseconds per call and argument checks written in Python, is paid once 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.machinery
@@ -291,6 +292,19 @@ _BLOCK_2D = (32, 8, 1)
 _BLOCK_1D = 256
 
 
+@dataclass
+class DeviceBatch:
+    """A batch uploaded to the device, ready to launch: the kernel, its arguments and output."""
+
+    kernel: object
+    args: list
+    out: object                  # device allocation of the NCHW output
+    grid: tuple[int, int, int]
+    pixel_bytes: int
+    out_shape: tuple[int, int, int, int]
+    out_dtype: np.dtype
+
+
 class GpuKernels:
     """The CUDA kernels on one device, through pycuda.
 
@@ -331,11 +345,13 @@ class GpuKernels:
         module = SourceModule(text, options=list(NVCC_OPTIONS), no_extern_c=True, include_dirs=[str(folder)])
         return module, f"compiled from {folder} for sm_{self.compute_capability[0]}{self.compute_capability[1]}"
 
-    def _call(self, fn):
+    @contextlib.contextmanager
+    def current(self):
+        """This object's context, current in the calling thread, for one caller at a time."""
         with self._lock:
             self.context.push()
             try:
-                return fn(self.cuda)
+                yield self.cuda
             finally:
                 self.cuda.Context.pop()
 
@@ -345,23 +361,13 @@ class GpuKernels:
             cuda.memcpy_htod_async(allocation, np.ascontiguousarray(array), self.stream)
         return allocation
 
-    def preprocess(self, p: Plan) -> np.ndarray:
-        """Run a planned batch; the result comes back to the host."""
-        out = np.empty(p.out_shape, p.out_dtype)
-        if not p.out_shape[0]:
-            return out
-
-        def run(cuda):
-            device_out = self.launch_preprocess(cuda, p)
-            cuda.memcpy_dtoh_async(out, device_out, self.stream)
-            self.stream.synchronize()
-            return out
-
-        return self._call(run)
-
-    def launch_preprocess(self, cuda, p: Plan):
-        """Upload a planned batch and launch its kernel on this object's stream; returns the device
-        allocation of the NCHW output (for a runtime that reads it on the device)."""
+    def upload(self, p: Plan) -> DeviceBatch:
+        """A planned batch on the device: pixels packed into one buffer, descriptors pointing at
+        their offsets, tables, and room for the output.  Call inside :meth:`current`."""
+        cuda = self.cuda
+        n, _, rows, columns = p.out_shape
+        if n > 65535:
+            raise ValueError(f"a batch of {n} images is more than one launch takes (65535); split it")
         arrays = [np.ascontiguousarray(a) for a in p.arrays]
         offsets, total = [], 0
         for a in arrays:
@@ -375,16 +381,32 @@ class GpuKernels:
         images["pixels"] = offsets
         images["row_stride"] = [a.shape[1] for a in arrays]
         args = [self._upload(cuda, x) for x in (images, p.batch, packed, p.tap_first, p.tap_weight, p.filter_weight)]
-        out = cuda.mem_alloc(int(np.prod(p.out_shape)) * p.out_dtype.itemsize)
-        n, _, rows, columns = p.out_shape
+        out = cuda.mem_alloc(max(int(np.prod(p.out_shape)) * p.out_dtype.itemsize, 1))
         grid = ((columns + _BLOCK_2D[0] - 1) // _BLOCK_2D[0], (rows + _BLOCK_2D[1] - 1) // _BLOCK_2D[1], n)
-        kernel = self.functions[_PREPROCESS_KERNELS[int(p.batch["filter"][0])]]
-        kernel(*args, out, block=_BLOCK_2D, grid=grid, stream=self.stream)
-        self._keep = args  # freed when the next batch replaces them, after this one has run
+        return DeviceBatch(self.functions[_PREPROCESS_KERNELS[int(p.batch["filter"][0])]], args, out, grid,
+                           packed.nbytes, p.out_shape, p.out_dtype)
+
+    def launch(self, batch: DeviceBatch) -> None:
+        """Run the kernel of an uploaded batch on this object's stream (asynchronously)."""
+        if batch.out_shape[0]:
+            batch.kernel(*batch.args, batch.out, block=_BLOCK_2D, grid=batch.grid, stream=self.stream)
+
+    def preprocess(self, p: Plan) -> np.ndarray:
+        """Run a planned batch; the result comes back to the host."""
+        out = np.empty(p.out_shape, p.out_dtype)
+        if not p.out_shape[0]:
+            return out
+        with self.current() as cuda:
+            batch = self.upload(p)
+            self.launch(batch)
+            cuda.memcpy_dtoh_async(out, batch.out, self.stream)
+            self.stream.synchronize()
         return out
 
     def _elementwise(self, name: str, x: np.ndarray, out: np.ndarray, count: int, *scalars: int) -> np.ndarray:
-        def run(cuda):
+        if not count:
+            return out
+        with self.current() as cuda:
             src = self._upload(cuda, x)
             dst = cuda.mem_alloc(max(out.nbytes, 1))
             grid = (max(1, (count + _BLOCK_1D - 1) // _BLOCK_1D), 1)
@@ -392,9 +414,7 @@ class GpuKernels:
                                  stream=self.stream)
             cuda.memcpy_dtoh_async(out, dst, self.stream)
             self.stream.synchronize()
-            return out
-
-        return self._call(run) if count else out
+        return out
 
     def sigmoid(self, x: np.ndarray) -> np.ndarray:
         return self._elementwise("ak_sigmoid_kernel", x, np.empty_like(x), x.size, x.size)

@@ -23,7 +23,8 @@ from .config import Config
 from .index import Index
 from .manifest import ModelPackage
 from .postprocessing import Finding, findings
-from .preprocessing import InputRejected, prepare_instance
+from . import kernels
+from .preprocessing import InputRejected
 from .reporting import build_report
 from .runtime import Runtime
 from .spool import Spool, write_durably
@@ -58,8 +59,8 @@ class Pipeline:
         for runtime in self.runtimes.values():
             pkg = runtime.package
             ds = _blank_image(pkg)
-            try:
-                batch = prepare_instance(ds, pkg)[None]
+            try:  # also loads the preprocessing kernels (GPU module, host build) before the first job
+                batch = kernels.preprocess([kernels.source_image(ds, pkg)], kernels.model_input(pkg))
             except InputRejected:  # a package for other images: warm the runtime alone
                 batch = np.zeros((1, pkg.input_channels, pkg.input_height, pkg.input_width), np.float32)
             found = findings(pkg, self._infer(runtime, batch))
@@ -108,15 +109,17 @@ class Pipeline:
                 ds = pydicom.dcmread(path)
             try:
                 with stage("preprocess"):
-                    inputs.append(prepare_instance(ds, pkg))
+                    inputs.append(kernels.source_image(ds, pkg))
             except InputRejected as e:
                 rejection = rejection or e
                 continue
             sources.append(ds)
         if not inputs:
             raise rejection or InputRejected("empty", "the series has no instances")
+        with stage("preprocess"):  # the whole series in one batch: GPU, else the host build
+            batch = kernels.preprocess(inputs, kernels.model_input(pkg))
         with stage("inference"):
-            outputs = self._infer(runtime, np.stack(inputs))
+            outputs = self._infer(runtime, batch)
         found = findings(pkg, outputs)
         sop_uid = uids.result_instance_uid(job.series_uid, pkg.device_uid, pkg.version)
         series_uid = uids.result_series_uid(job.series_uid, pkg.device_uid, pkg.version)

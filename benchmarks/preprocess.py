@@ -1,0 +1,132 @@
+"""Preprocessing a CT series: the fused host kernels against MONAI, numpy and a memcpy, in one run.
+
+200 slices of 512x512 uint16 -> modality LUT and VOI window -> 256x256 (area) -> normalised float32,
+each contender timed best-of-N on the same data in the same process:
+
+* kernels (host build): appliance.kernels with APPLIANCE_KERNELS=host, planning included
+* numpy reference:      appliance.kernels_reference (the node's numpy pipeline), slice by slice
+* MONAI:                Compose([ScaleIntensityRange, Resize(area), NormalizeIntensity]) over the
+                        stack, channel-first, torch using every core
+* memcpy:               np.copyto of the input into a preallocated array: the memory-speed floor
+
+Run:  .venv/bin/python benchmarks/preprocess.py [--repeat 7] [--append benchmarks/RESULTS.md]
+(unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE in that command when set: they slow current numpy.)
+Targets (issue 4): at least 8x faster than MONAI on 2 cores, within 4x of the memcpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from appliance import kernels, kernels_reference  # noqa: E402
+
+SLICES, SIZE, OUT = 200, 512, 256
+CENTER, WIDTH, INTERCEPT = 40.0, 400.0, -1024.0
+MEAN, STD = 0.5, 0.25
+
+
+def ct_series(seed: int = 0) -> np.ndarray:
+    """A synthetic CT stack: air around a water disc with noise, 12 bits stored."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:SIZE, :SIZE]
+    disc = ((y - SIZE / 2) ** 2 + (x - SIZE / 2) ** 2 < (0.4 * SIZE) ** 2) * 1024
+    stack = disc[None] + rng.normal(0, 40, (SLICES, SIZE, SIZE))
+    return np.clip(stack, 0, 4095).astype(np.uint16)
+
+
+def best_of(fn, repeat: int) -> tuple[float, object]:
+    result = fn()  # warm-up: first-call allocations, thread pools, caches
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--skip-monai", action="store_true", help="when MONAI is not installed")
+    parser.add_argument("--append", type=Path, help="append the results as markdown to this file")
+    args = parser.parse_args()
+
+    volume = ct_series()
+    images = [kernels.SourceImage(volume[i], 12, 1.0, INTERCEPT, (CENTER, WIDTH)) for i in range(SLICES)]
+    target = kernels.ModelInput(OUT, OUT, 1, (MEAN,), (STD,), "area")
+    cores = os.cpu_count() or 1
+    rows = []
+
+    copy = np.empty_like(volume)
+    t_memcpy, _ = best_of(lambda: np.copyto(copy, volume), args.repeat)
+    rows.append(("memcpy of the input (np.copyto)", t_memcpy))
+
+    lib = kernels.host_library()
+    if lib is None:
+        print("the host build of the kernels is not installed: pip install -e .", file=sys.stderr)
+        return 1
+    t_host, fused = best_of(lambda: kernels.preprocess(images, target, using="host"), args.repeat)
+    rows.append((f"kernels, host build ({lib.isa}, {lib.threads} threads)", t_host))
+
+    t_numpy, reference = best_of(lambda: kernels_reference.preprocess(images, target), max(1, args.repeat // 3))
+    rows.append(("numpy reference (appliance.kernels_reference)", t_numpy))
+    error = float(np.abs(fused - reference).max())
+
+    t_monai = None
+    if not args.skip_monai:
+        import torch
+        from monai.transforms import Compose, NormalizeIntensity, Resize, ScaleIntensityRange
+
+        torch.set_num_threads(cores)
+        # the same LINEAR window (PS3.3 C.11.2.1.2.1) on stored values: its ends less the intercept
+        low = CENTER - 0.5 - (WIDTH - 1) / 2 - INTERCEPT
+        chain = Compose([
+            ScaleIntensityRange(a_min=low, a_max=low + WIDTH - 1, b_min=0.0, b_max=1.0, clip=True),
+            Resize((OUT, OUT), mode="area"),
+            NormalizeIntensity(subtrahend=MEAN, divisor=STD),
+        ])
+        t_monai, monai_out = best_of(lambda: chain(volume), args.repeat)
+        rows.append((f"MONAI {__import__('monai').__version__} chain (torch {torch.__version__}, {cores} threads)",
+                     t_monai))
+        monai_error = float(np.abs(np.asarray(monai_out) - fused[:, 0]).max())
+
+    lines = [f"| contender | best of {args.repeat} (ms) | vs kernels |", "| --- | ---: | ---: |"]
+    for name, seconds in rows:
+        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / t_host:.2f}x |")
+    summary = [f"kernels vs memcpy: {t_host / t_memcpy:.2f}x the memcpy time (target: within 4x)",
+               f"numpy reference / kernels: {t_numpy / t_host:.1f}x"]
+    if t_monai is not None:
+        summary.insert(0, f"MONAI / kernels: {t_monai / t_host:.1f}x faster (target: at least 8x)")
+        summary.append(f"largest difference from MONAI's output: {monai_error:.2e}")
+    summary.append(f"largest difference from the numpy reference: {error:.2e}")
+    header = (f"{SLICES} slices {SIZE}x{SIZE} uint16 -> window ({CENTER:g}, {WIDTH:g}) -> {OUT}x{OUT} area -> "
+              f"(v - {MEAN}) / {STD} float32; {platform.processor() or platform.machine()}, {cores} cores")
+    print(header)
+    print("\n".join(lines))
+    print("\n".join(summary))
+
+    if args.append:
+        env = " ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE",) if k in os.environ)
+        command = "cd /path/to/checkout && " + (env + " " if env else "") + \
+            ".venv/bin/python " + " ".join(shlex.quote(a) for a in ["benchmarks/preprocess.py", *sys.argv[1:]])
+        with open(args.append, "a") as f:
+            f.write(f"\n### Run of {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+                    f"`{command}`\n\n{header}\n\n" + "\n".join(lines) + "\n\n" +
+                    "\n".join(f"- {s}" for s in summary) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
