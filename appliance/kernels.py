@@ -229,26 +229,36 @@ def plan(images: Sequence[SourceImage], target: ModelInput, lib: HostLibrary, id
             n_weight += len(weight)
         return tables[key]
 
-    for d, image in zip(descs, images):
+    columns = {name: [] for name in IMAGE_DTYPE.names if name not in ("c0", "c1", "reserved")}
+    for image in images:
         reference.check_voi(image)
         pixels = _pixel_array(image)
         arrays.append(pixels)
-        d["pixels"] = pixels.ctypes.data
-        d["rows"], d["columns"] = pixels.shape
-        d["row_stride"] = pixels.strides[0] // pixels.itemsize
-        d["dtype"] = _DTYPES[pixels.dtype]
-        d["bits_stored"] = image.bits_stored if image.bits_stored is not None else pixels.itemsize * 8
-        d["slope"], d["intercept"] = image.slope, image.intercept
-        d["invert"] = int(bool(image.invert))
+        columns["pixels"].append(pixels.ctypes.data)
+        columns["rows"].append(pixels.shape[0])
+        columns["columns"].append(pixels.shape[1])
+        columns["row_stride"].append(pixels.strides[0] // pixels.itemsize)
+        columns["dtype"].append(_DTYPES[pixels.dtype])
+        columns["bits_stored"].append(image.bits_stored if image.bits_stored is not None else pixels.itemsize * 8)
+        columns["slope"].append(image.slope)
+        columns["intercept"].append(image.intercept)
+        columns["invert"].append(int(bool(image.invert)))
         if identity:
-            d["voi"] = _VOI["IDENTITY"]
+            voi, window = _VOI["IDENTITY"], (0.0, 0.0)
         elif image.window is None:
-            d["voi"] = _VOI["RANGE"]
+            voi, window = _VOI["RANGE"], (0.0, 0.0)  # akh_prepare finds the range
         else:
-            d["voi"] = _VOI[(image.voi_function or "LINEAR").upper()]
-            d["center"], d["width"] = image.window
-        d["ty_first"], d["ty_weight"], d["ty_taps"] = table(pixels.shape[0], target.height)
-        d["tx_first"], d["tx_weight"], d["tx_taps"] = table(pixels.shape[1], target.width)
+            voi, window = _VOI[(image.voi_function or "LINEAR").upper()], image.window
+        columns["voi"].append(voi)
+        columns["center"].append(window[0])
+        columns["width"].append(window[1])
+        for axis, n_in, n_out in (("ty", pixels.shape[0], target.height), ("tx", pixels.shape[1], target.width)):
+            first, weight, taps = table(n_in, n_out)
+            columns[f"{axis}_first"].append(first)
+            columns[f"{axis}_weight"].append(weight)
+            columns[f"{axis}_taps"].append(taps)
+    for name, values in columns.items():  # a column at a time: fast for a series of hundreds
+        descs[name] = values
     if len(descs):
         lib.lib.akh_prepare(descs.ctypes.data, len(descs), 0)
 
