@@ -4,7 +4,8 @@
 each contender timed best-of-N on the same data in the same process:
 
 * kernels (host build): appliance.kernels with APPLIANCE_KERNELS=host, planning included
-* numpy reference:      appliance.kernels_reference (the node's numpy pipeline), slice by slice
+* numpy:                the node's numpy pipeline before the kernels (appliance.preprocessing:
+                        modality LUT, voi_window, resize as weight matrices, normalise), slice by slice
 * MONAI:                Compose([ScaleIntensityRange, Resize(area), NormalizeIntensity]) over the
                         stack, channel-first, torch using every core
 * memcpy:               np.copyto of the input into a preallocated array: the memory-speed floor
@@ -30,7 +31,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from appliance import kernels, kernels_reference  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from appliance import kernels  # noqa: E402
+from appliance.manifest import Preprocessing, Window  # noqa: E402
+from appliance.preprocessing import preprocess_pixels  # noqa: E402
+
+SECTION = "## Preprocessing (issue 4)"
+SECTION_INTRO = ("benchmarks/preprocess.py: the fused host kernels (appliance.kernels, kernels/host.cpp) against a "
+                 "memcpy of the input, the node's numpy pipeline and a MONAI transform chain, in one process on the "
+                 "same data. Targets: at least 8x faster than MONAI, within 4x of the memcpy. Each run is appended "
+                 "below with the command that made it; compare ratios within a run only.")
 
 SLICES, SIZE, OUT = 200, 512, 256
 CENTER, WIDTH, INTERCEPT = 40.0, 400.0, -1024.0
@@ -62,6 +73,7 @@ def main() -> int:
     parser.add_argument("--skip-monai", action="store_true", help="when MONAI is not installed")
     parser.add_argument("--append", type=Path, help="append the results as markdown to this file")
     args = parser.parse_args()
+    load = os.getloadavg()[0]  # other work on the machine skews times (not ratios within a run as much)
 
     volume = ct_series()
     images = [kernels.SourceImage(volume[i], 12, 1.0, INTERCEPT, (CENTER, WIDTH)) for i in range(SLICES)]
@@ -80,8 +92,16 @@ def main() -> int:
     t_host, fused = best_of(lambda: kernels.preprocess(images, target, using="host"), args.repeat)
     rows.append((f"kernels, host build ({lib.isa}, {lib.threads} threads)", t_host))
 
-    t_numpy, reference = best_of(lambda: kernels_reference.preprocess(images, target), max(1, args.repeat // 3))
-    rows.append(("numpy reference (appliance.kernels_reference)", t_numpy))
+    package = SimpleNamespace(  # what preprocess_pixels reads of a model package
+        preprocessing=Preprocessing(window=None, resize="area", mean=(MEAN,), std=(STD,), monochrome1="invert"),
+        input_height=OUT, input_width=OUT, input_channels=1)
+
+    def numpy_pipeline():
+        return np.stack([preprocess_pixels(volume[i].astype(np.float32) + np.float32(INTERCEPT), Window(CENTER, WIDTH),
+                                           "MONOCHROME2", package) for i in range(SLICES)])
+
+    t_numpy, reference = best_of(numpy_pipeline, max(1, args.repeat // 3))
+    rows.append(("numpy pipeline (appliance.preprocessing, per slice)", t_numpy))
     error = float(np.abs(fused - reference).max())
 
     t_monai = None
@@ -106,22 +126,26 @@ def main() -> int:
     for name, seconds in rows:
         lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / t_host:.2f}x |")
     summary = [f"kernels vs memcpy: {t_host / t_memcpy:.2f}x the memcpy time (target: within 4x)",
-               f"numpy reference / kernels: {t_numpy / t_host:.1f}x"]
+               f"numpy pipeline / kernels: {t_numpy / t_host:.1f}x"]
     if t_monai is not None:
         summary.insert(0, f"MONAI / kernels: {t_monai / t_host:.1f}x faster (target: at least 8x)")
         summary.append(f"largest difference from MONAI's output: {monai_error:.2e}")
-    summary.append(f"largest difference from the numpy reference: {error:.2e}")
+    summary.append(f"largest difference from the numpy pipeline: {error:.2e}")
     header = (f"{SLICES} slices {SIZE}x{SIZE} uint16 -> window ({CENTER:g}, {WIDTH:g}) -> {OUT}x{OUT} area -> "
-              f"(v - {MEAN}) / {STD} float32; {platform.processor() or platform.machine()}, {cores} cores")
+              f"(v - {MEAN}) / {STD} float32; {platform.machine()}, {cores} cores, load average {load:.1f} at start")
     print(header)
     print("\n".join(lines))
     print("\n".join(summary))
 
     if args.append:
-        env = " ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE",) if k in os.environ)
-        command = "cd /path/to/checkout && " + (env + " " if env else "") + \
+        env = " ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "APPLIANCE_KERNELS_ISA")
+                       if k in os.environ)
+        command = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE " + (env + " " if env else "") + \
             ".venv/bin/python " + " ".join(shlex.quote(a) for a in ["benchmarks/preprocess.py", *sys.argv[1:]])
+        existing = args.append.read_text() if args.append.exists() else ""
         with open(args.append, "a") as f:
+            if SECTION not in existing:
+                f.write(("\n" if existing else "") + SECTION + "\n\n" + SECTION_INTRO + "\n")
             f.write(f"\n### Run of {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
                     f"`{command}`\n\n{header}\n\n" + "\n".join(lines) + "\n\n" +
                     "\n".join(f"- {s}" for s in summary) + "\n")
