@@ -7,6 +7,7 @@ start-up with a :class:`ConfigError` that names the key, the value and what was 
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,50 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Access:
+    """Who may open an association (PS3.8 7.1.1: AE titles; the transport: source addresses, limits).
+
+    Empty ``calling_ae_titles`` or ``networks`` mean "any". Limits count open connections, TLS or not.
+    """
+
+    calling_ae_titles: tuple[str, ...] = ()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    require_called_aet: bool = False
+    max_associations: int = 32
+    max_associations_per_source: int = 16
+
+
+@dataclass(frozen=True)
+class Tls:
+    """DICOM TLS (PS3.15 B.9, BCP 195): a second listener, TLS 1.2 and 1.3 only."""
+
+    enabled: bool = False
+    port: int = 2762
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: Trusted CA certificates (PEM) for client certificates; without it none is asked for.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+
+@dataclass(frozen=True)
+class CommitmentRequestor:
+    """Where a Storage Commitment SCU listens for an N-EVENT-REPORT on a new association."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """Storage Commitment Push Model SCP (PS3.4 Annex J)."""
+
+    enabled: bool = True
+    requestors: tuple[CommitmentRequestor, ...] = ()
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     #: DICOM keyword -> accepted values; every listed attribute must match (case-insensitive).
@@ -62,7 +107,7 @@ class Config:
     port: int = 11112
     data_dir: Path = Path("data")
     network_timeout: float = 60.0
-    max_pdu: int = 0
+    max_pdu: int = 1048576
     min_free_mb: int = 1024
     quiet_seconds: float = 5.0
     metrics_enabled: bool = True
@@ -80,6 +125,9 @@ class Config:
     include_phi: bool = False
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = field(default_factory=lambda: (DEFAULT_ROUTE,))
+    access: Access = Access()
+    tls: Tls = Tls()
+    commitment: Commitment = Commitment()
 
     @property
     def model_search_path(self) -> list[Path]:
@@ -120,6 +168,9 @@ def parse(doc: dict[str, Any], base: Path | None = None) -> Config:
     inference = t.table("inference", {})
     delivery = t.table("delivery", {})
     logging_ = t.table("logging", {})
+    access = t.table("access", {})
+    tls = t.table("tls", {})
+    commitment = t.table("commitment", {})
     data_dir = Path(node.string("data_dir", str(d.data_dir)))
     if base is not None and not data_dir.is_absolute():
         data_dir = base / data_dir
@@ -147,9 +198,15 @@ def parse(doc: dict[str, Any], base: Path | None = None) -> Config:
         include_phi=logging_.boolean("include_phi", d.include_phi),
         destinations=tuple(_destination(x) for x in t.tables("destinations")),
         routes=tuple(_route(x) for x in t.tables("routes")) or (DEFAULT_ROUTE,),
+        access=_access(access, d.access),
+        tls=_tls(tls, d.tls, base),
+        commitment=_commitment(commitment, d.commitment),
     )
-    for table in (node, completion, metrics, models, inference, delivery, logging_, t):
+    for table in (node, completion, metrics, models, inference, delivery, logging_, access, tls, commitment, t):
         table.done()
+    if cfg.tls.enabled and cfg.tls.port == cfg.port:
+        raise ConfigError(f"tls.port = {cfg.tls.port}: the TLS port must differ from node.port; "
+                          "DICOM TLS conventionally listens on 2762")
     names = [x.name for x in cfg.destinations]
     if len(set(names)) != len(names):
         raise ConfigError(f"destinations: names must be unique, got {names}")
@@ -158,6 +215,66 @@ def parse(doc: dict[str, Any], base: Path | None = None) -> Config:
 
 def _resolve(p: Path, base: Path | None) -> Path:
     return p if p.is_absolute() or base is None else base / p
+
+
+def _access(t: Table, d: Access) -> Access:
+    networks = []
+    for value in t.strings("networks", list(d.networks)):
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ConfigError(f"access.networks: {value!r} is not an IP address or network; "
+                              "expected e.g. \"10.1.2.3\" or \"10.1.0.0/16\"") from None
+    calling = t.strings("calling_ae_titles", list(d.calling_ae_titles))
+    for i, title in enumerate(calling):
+        Table({"ae": title}, f"access.calling_ae_titles[{i}].", ConfigError).ae_title("ae")
+    return Access(
+        calling_ae_titles=tuple(title.strip() for title in calling),
+        networks=tuple(networks),
+        require_called_aet=t.boolean("require_called_aet", d.require_called_aet),
+        max_associations=t.integer("max_associations", d.max_associations, minimum=1),
+        max_associations_per_source=t.integer("max_associations_per_source", d.max_associations_per_source,
+                                              minimum=1),
+    )
+
+
+def _file(t: Table, key: str, base: Path | None) -> Path | None:
+    if not t.has(key):
+        t.seen.add(key)
+        return None
+    path = _resolve(Path(t.string(key)), base)
+    if not path.is_file():
+        raise ConfigError(f"{t.prefix}{key} = {str(path)!r}: no such file; give the path of a PEM file")
+    return path
+
+
+def _tls(t: Table, d: Tls, base: Path | None) -> Tls:
+    tls = Tls(
+        enabled=t.boolean("enabled", d.enabled),
+        port=t.port("port", d.port),
+        certificate=_file(t, "certificate", base),
+        private_key=_file(t, "private_key", base),
+        ca_certificates=_file(t, "ca_certificates", base),
+        require_client_certificate=t.boolean("require_client_certificate", d.require_client_certificate),
+    )
+    if tls.enabled and (tls.certificate is None or tls.private_key is None):
+        raise ConfigError("tls.enabled = true needs tls.certificate and tls.private_key (PEM files)")
+    if tls.require_client_certificate and tls.ca_certificates is None:
+        raise ConfigError("tls.require_client_certificate = true needs tls.ca_certificates, "
+                          "the CA certificates client certificates are verified against")
+    return tls
+
+
+def _commitment(t: Table, d: Commitment) -> Commitment:
+    requestors = []
+    for r in t.tables("requestors"):
+        requestors.append(CommitmentRequestor(ae_title=r.ae_title("ae_title"), host=r.string("host"),
+                                              port=r.port("port")))
+        r.done()
+    titles = [r.ae_title for r in requestors]
+    if len(set(titles)) != len(titles):
+        raise ConfigError(f"commitment.requestors: AE titles must be unique, got {titles}")
+    return Commitment(enabled=t.boolean("enabled", d.enabled), requestors=tuple(requestors))
 
 
 def _destination(t: Table) -> Destination:

@@ -73,3 +73,7 @@ READY = Gauge(
     "appliance_ready", "1 when every readiness check passes (as /readyz), 0 otherwise; by check.", ["check"])
 MODEL_LOADED = Gauge(
     "appliance_model_loaded", "1 when a model package is loaded and warmed up, 0 when it failed.", ["model"])
+STORAGE_COMMITMENTS = Counter(
+    "appliance_storage_commitments_total",
+    "Storage Commitment requests answered, by result: committed (every instance), failures (some not "
+    "committed), undelivered (the N-EVENT-REPORT could not be delivered).", ["result"])

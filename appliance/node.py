@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from . import __version__, assembly, metrics, outbox, queue, routing
+from .commitment import StorageCommitmentSCP
 from .config import PRIORITIES, Config
 from .delivery import Delivery
 from .exposition import OpsServer
@@ -27,6 +28,7 @@ from .pipeline import Pipeline
 from .runtime import OnnxRuntime, Runtime
 from .scp import StorageSCP
 from .spool import Spool
+from .tls import server_context
 
 log = logging.getLogger("appliance.node")
 
@@ -54,7 +56,9 @@ class Node:
             name: OnnxRuntime(pkg, cfg.inference_threads) for name, pkg in self.packages.items()}
         self.pipeline = Pipeline(cfg, self.index, self.spool, self.runtimes)
         self.delivery = Delivery(cfg, self.index, self.pipeline.results_dir)
-        self.scp = StorageSCP(cfg, self.spool, self._released)
+        commitment = StorageCommitmentSCP(cfg, self.spool) if cfg.commitment.enabled else None
+        self.scp = StorageSCP(cfg, self.spool, self._released, commitment)
+        self.tls_context = server_context(cfg.tls) if cfg.tls.enabled else None
         self._stop = threading.Event()
         self._wake_assembly = threading.Event()
         self._wake_worker = threading.Event()
@@ -89,7 +93,7 @@ class Node:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        self.scp.start()
+        self.scp.start(self.tls_context)
         self.ready = True
 
     def healthy(self) -> bool:
