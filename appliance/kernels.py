@@ -277,8 +277,17 @@ def plan(images: Sequence[SourceImage], target: ModelInput, lib: HostLibrary, id
                 (len(images), target.channels, target.height, target.width), np.dtype(target.dtype))
 
 
-def _host_preprocess(p: Plan, lib: HostLibrary, threads: int = 0) -> np.ndarray:
-    out = np.empty(p.out_shape, p.out_dtype)
+def _output(p: Plan, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return np.empty(p.out_shape, p.out_dtype)
+    if out.shape != p.out_shape or out.dtype != p.out_dtype or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable C-contiguous {p.out_dtype} array of shape {p.out_shape}, "
+                         f"got {out.dtype} {out.shape}")
+    return out
+
+
+def _host_preprocess(p: Plan, lib: HostLibrary, threads: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    out = _output(p, out)
     if p.out_shape[0]:
         lib.lib.akh_preprocess(p.images.ctypes.data, len(p.images), p.batch.ctypes.data, p.tap_first.ctypes.data,
                                p.tap_weight.ctypes.data, p.filter_weight.ctypes.data, out.ctypes.data, threads)
@@ -401,9 +410,9 @@ class GpuKernels:
         if batch.out_shape[0]:
             batch.kernel(*batch.args, batch.out, block=_BLOCK_2D, grid=batch.grid, stream=self.stream)
 
-    def preprocess(self, p: Plan) -> np.ndarray:
-        """Run a planned batch; the result comes back to the host."""
-        out = np.empty(p.out_shape, p.out_dtype)
+    def preprocess(self, p: Plan, out: np.ndarray | None = None) -> np.ndarray:
+        """Run a planned batch; the result comes back to the host (into ``out`` if given)."""
+        out = _output(p, out)
         if not p.out_shape[0]:
             return out
         with self.current() as cuda:
@@ -497,17 +506,25 @@ def backend(wanted: str | None = None) -> str:
 
 
 def preprocess(images: Sequence[SourceImage], target: ModelInput, using: str | None = None,
-               threads: int = 0) -> np.ndarray:
-    """A batch of images (any mix of sizes, dtypes and windows) to the model's NCHW input."""
+               threads: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """A batch of images (any mix of sizes, dtypes and windows) to the model's NCHW input.
+
+    ``threads``: host build threads (0: every core).  ``out``: an array of the result's shape and
+    dtype to write into, so that a caller preprocessing series after series reuses its memory.
+    """
     chosen = backend(using)
     if chosen == "numpy":
         _check_target(target)
-        return reference.preprocess(images, target)
+        result = reference.preprocess(images, target)
+        if out is None:
+            return result
+        out[...] = result
+        return out
     lib = host_library()
     p = plan(images, target, lib)
     if chosen == "gpu":
-        return gpu_kernels().preprocess(p)
-    return _host_preprocess(p, lib, threads)
+        return gpu_kernels().preprocess(p, out)
+    return _host_preprocess(p, lib, threads, out)
 
 
 # ---- postprocessing -------------------------------------------------------------------------------------

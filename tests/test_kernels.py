@@ -417,3 +417,13 @@ def test_pydicom_instance_round_trip_is_read_as_the_node_reads_it(tmp_path, pack
     read = pydicom.dcmread(path)
     got, _, _ = kernels.prepare([read], package)
     assert_ulp_close(got, prepare_instance(read, package)[None], kernels.model_input(package))
+
+
+def test_a_batch_can_be_written_into_an_existing_tensor():
+    rng = np.random.default_rng(12)
+    images = [SourceImage(ct_slice(rng), 12, 1.0, -1024.0, (40.0, 400.0))]
+    tensor = np.full((1, 1, 32, 24), np.nan, np.float32)
+    assert kernels.preprocess(images, TARGET, using="host", out=tensor) is tensor
+    np.testing.assert_array_equal(tensor, kernels.preprocess(images, TARGET, using="host"))
+    with pytest.raises(ValueError, match="shape"):
+        kernels.preprocess(images, TARGET, using="host", out=np.empty((1, 1, 24, 32), np.float32))
