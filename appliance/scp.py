@@ -159,6 +159,10 @@ class StorageSCP:
         if reason is not None:
             assoc.rejection = reason
             assoc.acse.send_reject(*REJECTIONS[reason])
+            # pynetdicom fires no EVT_REJECTED for a rejection made here, and would close the
+            # socket before the A-ASSOCIATE-RJ is out: count it, and wait for the upper layer.
+            self._count_rejection(assoc)
+            assoc.kill()
             return
         # For each abstract syntax the node supports, the transfer syntaxes it knows in the order
         # the sender proposed them: negotiation takes the sender's first choice (store as sent).
@@ -181,7 +185,9 @@ class StorageSCP:
         metrics.ASSOCIATIONS_ACCEPTED.inc()
 
     def _handle_rejected(self, event) -> None:
-        assoc = event.assoc
+        self._count_rejection(event.assoc)
+
+    def _count_rejection(self, assoc) -> None:
         reason = getattr(assoc, "rejection", None) or "other"
         metrics.ASSOCIATIONS_REJECTED.labels(reason).inc()
         rq = assoc.requestor.primitive

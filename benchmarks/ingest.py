@@ -39,8 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(REPO), str(REPO / "tests")) if p not in sys.path]
 
-from ingest_support import ct_series, models_config, radiographs, tiny_model_package  # noqa: E402
-from nodeproc import NodeProcess  # noqa: E402
+from ingest_support import ct_series, ingest_node, radiographs, tiny_model_package  # noqa: E402
 from peers import LOOPBACK, ensure_tools, free_port, spawn, stop_process, tail  # noqa: E402
 
 SENDER_AET = "BENCH"
@@ -99,10 +98,8 @@ def run_dcmtk(files: list[Path], associations: int, work: Path) -> float:
 def run_node(files: list[Path], associations: int, work: Path, models: Path) -> float:
     node_dir = work / "node"
     shutil.rmtree(node_dir, ignore_errors=True)
-    extra = "[node]\n" if False else ""
-    node = NodeProcess(node_dir, extra=models_config(models) + extra)
     # The benchmark's disk is a shared one: a small watermark keeps the node from refusing.
-    node.config.write_text(node.config.read_text().replace("[node]\n", "[node]\nmin_free_mb = 64\n", 1))
+    node = ingest_node(node_dir, models, node="min_free_mb = 64\n")
     with node:
         seconds = push(files, node.port, node.ae_title, associations)
     with sqlite3.connect(node.data_dir / "index.sqlite") as db:

@@ -141,3 +141,192 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
             break
         data += chunk
     return bytes(data)
+
+
+# --- a wire recorder: what a sender really sent, and what the node really answered -------------
+
+
+class Recorder:
+    """A TCP relay on 127.0.0.1 between senders and the node that keeps both directions of each connection.
+
+    ``with Recorder(node_port) as wire:`` send to ``wire.port``; ``wire.connections`` then holds
+    ``(sent, answered)`` byte strings, one pair per connection, for :func:`exchanges`.
+    """
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1"):
+        import threading
+
+        self.target = (target_host, target_port)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[tuple[bytearray, bytearray]] = []
+        self._threads: list = []
+        self._lock = threading.Lock()
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sent, answered = bytearray(), bytearray()
+            with self._lock:
+                self.connections.append((sent, answered))
+            for src, dst, log in ((client, server, sent), (server, client, answered)):
+                t = threading.Thread(target=self._pump, args=(src, dst, log), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, log: bytearray) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 20)
+                if not data:
+                    break
+                log += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (dst, src):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _messages(stream: bytes) -> list[tuple[int, dict, bytes | None]]:
+    """DIMSE messages in one direction of a connection: (context ID, command, data set bytes or None)."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    messages, command, data, offset = [], bytearray(), None, 0
+    while offset + 6 <= len(stream):
+        kind, _, length = struct.unpack_from(">BBI", stream, offset)
+        body = stream[offset + 6:offset + 6 + length]
+        offset += 6 + length
+        if kind != 0x04:
+            continue
+        pos = 0
+        while pos + 6 <= len(body):
+            item_length, context_id, control = struct.unpack_from(">IBB", body, pos)
+            fragment = body[pos + 6:pos + 4 + item_length]
+            pos += 4 + item_length
+            if control & 0x01:
+                command += fragment
+                if control & 0x02:
+                    ds = read_dataset(BytesIO(bytes(command)), True, True)
+                    cmd = {e.keyword: e.value for e in ds}
+                    command = bytearray()
+                    if cmd.get("CommandDataSetType", 0x0101) == 0x0101:
+                        messages.append((context_id, cmd, None))
+                    else:
+                        data = (context_id, cmd, bytearray())
+            else:
+                data[2].extend(fragment)
+                if control & 0x02:
+                    messages.append((data[0], data[1], bytes(data[2])))
+                    data = None
+    return messages
+
+
+def exchanges(connections) -> list[dict]:
+    """Every C-STORE on the recorded connections: instance UID, data set as sent, status as answered."""
+    stores = []
+    for sent, answered in connections:
+        statuses = {cmd.get("MessageIDBeingRespondedTo"): cmd.get("Status")
+                    for _, cmd, _ in _messages(bytes(answered)) if cmd.get("CommandField") == 0x8001}
+        for _, cmd, data in _messages(bytes(sent)):
+            if cmd.get("CommandField") == 0x0001:
+                stores.append({"sop_instance_uid": str(cmd.get("AffectedSOPInstanceUID", "")).rstrip("\0 "),
+                               "data_set": data, "status": statuses.get(cmd.get("MessageID"))})
+    return stores
+
+
+# --- raw DIMSE over raw sockets, for requests no well-behaved sender makes ----------------------
+
+
+def command_set(**elements) -> bytes:
+    """A DIMSE command set (Implicit VR Little Endian) with its Command Group Length, via pydicom."""
+    def encode(ds: Dataset) -> bytes:
+        return encode_data_set(ds, implicit=True)
+
+    ds = Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    body = encode(ds)
+    head = Dataset()
+    head.CommandGroupLength = len(body)
+    return encode(head) + body
+
+
+def p_data(context_id: int, control: int, data: bytes) -> bytes:
+    """A P-DATA-TF PDU carrying one PDV (control: 0x01 command, 0x02 last fragment)."""
+    pdv = struct.pack(">IBB", len(data) + 2, context_id, control) + data
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+def open_association(port: int, called: str, calling: str, abstract_syntax: str = "1.2.840.10008.1.1",
+                     transfer_syntax: str = "1.2.840.10008.1.2", timeout: float = 10.0) -> socket.socket:
+    """A raw connection with an accepted association (presentation context 1); AssertionError if not."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(associate_rq(called, calling, abstract_syntax, transfer_syntax))
+    kind, body = read_pdu(sock)
+    assert kind == 0x02, f"expected A-ASSOCIATE-AC, got PDU type 0x{kind:02X}"
+    return sock
+
+
+def raw_store(sock: socket.socket, sop_class: str, sop_instance: str, data_set: bytes, message_id: int = 1) -> int:
+    """Send one C-STORE-RQ on context 1 of ``sock`` and return the status of its C-STORE-RSP."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    command = command_set(AffectedSOPClassUID=sop_class, CommandField=0x0001, MessageID=message_id, Priority=0,
+                          CommandDataSetType=0x0000, AffectedSOPInstanceUID=sop_instance)
+    sock.sendall(p_data(1, 0x03, command) + p_data(1, 0x02, data_set))
+    kind, body = read_pdu(sock)
+    assert kind == 0x04, f"expected P-DATA-TF with the C-STORE-RSP, got PDU type 0x{kind:02X}"
+    return read_dataset(BytesIO(body[6:]), True, True).Status
+
+
+def encode_data_set(ds: Dataset, implicit: bool = False) -> bytes:
+    """A data set as it travels in a C-STORE (no File Meta Information), Little Endian."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def ingest_node(workdir: Path, models_dir: Path, node: str = "", extra: str = "", match: str = 'Modality = ["NONE"]'):
+    """A :class:`NodeProcess` with the tiny model package, more ``[node]`` keys and more TOML."""
+    from nodeproc import NodeProcess
+
+    process = NodeProcess(workdir, extra=models_config(models_dir, match) + extra)
+    process.config.write_text(process.config.read_text().replace("[node]\n", "[node]\n" + node, 1))
+    return process
