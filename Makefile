@@ -8,7 +8,8 @@ CONFIG ?=
 
 .PHONY: run test install install-dev peers models clean
 
-$(VENV)/.installed: pyproject.toml
+# The host kernels are compiled at install: a change to their sources reinstalls.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard kernels/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .

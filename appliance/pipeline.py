@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from . import audit, metrics, outbox, queue, uids
+from . import audit, kernels, metrics, outbox, queue, uids
 from .config import Config
 from .index import Index
 from .manifest import ModelPackage
 from .postprocessing import Finding, findings
-from . import kernels
 from .preprocessing import InputRejected
 from .reporting import build_report
 from .runtime import Runtime
@@ -148,7 +147,7 @@ class Pipeline:
                  ", ".join(f"{f.output.name}={f.probability:.3f}{' present' if f.present else ''}"
                            f"{' CRITICAL' if f.critical else ''}" for f in found),
                  extra={"event": "job.done", "job": job.id, "series": series["id"], "result": result_id,
-                        "model": pkg.name, "critical": any(f.critical for f in found), **stage.seconds})
+                        "model": pkg.name, "critical": any(f.critical for f in found), **stage.observe()})
         return Outcome("done", findings=found)
 
     @staticmethod
@@ -162,11 +161,11 @@ class Pipeline:
 
 
 class _StageTimer:
-    """Times the stages of one job into ``appliance_stage_seconds`` and keeps the totals for the log."""
+    """Adds up the time a job spends in each stage (a stage may run once per image)."""
 
     def __init__(self, model: str):
         self.model = model
-        self.seconds: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, stage: str):
@@ -174,10 +173,13 @@ class _StageTimer:
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - start
-            metrics.STAGE_SECONDS.labels(stage, self.model).observe(elapsed)
-            key = f"{stage}_s"
-            self.seconds[key] = round(self.seconds.get(key, 0.0) + elapsed, 4)
+            self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - start
+
+    def observe(self) -> dict[str, float]:
+        """One observation per stage into ``appliance_stage_seconds``; the totals for the log line."""
+        for stage, seconds in self.totals.items():
+            metrics.STAGE_SECONDS.labels(stage, self.model).observe(seconds)
+        return {f"{stage}_s": round(seconds, 4) for stage, seconds in self.totals.items()}
 
 
 def _blank_image(pkg: ModelPackage) -> pydicom.Dataset:
