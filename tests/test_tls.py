@@ -14,6 +14,7 @@ import sqlite3
 import ssl
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,10 @@ def _client_context(pki: Path) -> ssl.SSLContext:
 def test_tls_older_than_1_2_is_refused(tls_node, pki):
     ctx = _client_context(pki)
     try:
-        ctx.minimum_version = ssl.TLSVersion.TLSv1
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        with warnings.catch_warnings():  # asking for TLS 1.0/1.1 on purpose
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
         ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     except (ValueError, ssl.SSLError) as e:
         pytest.skip(f"this OpenSSL cannot even offer TLS 1.1: {e}")
