@@ -187,10 +187,6 @@ class Reception:
             _SYNC_FILE_RANGE(self.fd, self._written_back, self.size - self._written_back, _SYNC_FILE_RANGE_WRITE)
             self._written_back = self.size
 
-    def head(self, limit: int) -> bytes:
-        """The first ``limit`` bytes written (the File Meta Information and the start of the data set)."""
-        return os.pread(self.fd, limit, 0)
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
