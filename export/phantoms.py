@@ -15,9 +15,10 @@ same whatever the finding, and a finding changes only the pixels it covers.
 
 Findings:
 
-* ``"nodule"``: a round (slightly lobulated) opacity of 0.7-2 cm inside a lung field.
-* ``"pneumothorax"``: the lung has collapsed away from the apex and lateral chest wall; the gap
-  has no lung markings and is more lucent, bounded by a thin visceral pleural line.
+* ``"nodule"``: a round (slightly lobulated) opacity of 1-2.6 cm inside a lung field, not behind
+  the heart.
+* ``"pneumothorax"``: the lung has collapsed by 2.5-16 % away from the apex and lateral chest
+  wall; the gap has no lung markings and is more lucent, bounded by a thin visceral pleural line.
 * ``"nodule+pneumothorax"``: both.
 
 Every phantom is fictional: patient names and IDs are made up from the seed.
@@ -46,12 +47,15 @@ FIELD_MM = 430.0
 TYPE2_OMITTABLE = ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
                    "ReferringPhysicianName", "StudyID")
 
+#: Bits of :attr:`Phantom.finding_mask`.
+NODULE_BIT, PNEUMOTHORAX_BIT = 1, 2
+
 _NOISE_GRID = 128          # lung-marking texture is drawn on this grid over the anatomy, then sampled
 _REF_SIZE = 2048           # photon counts are given per pixel of a 2048 matrix
 _BODY_MASK_LEVEL = 0.3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Phantom:
     """One synthetic chest radiograph: stored pixel values and how to display them."""
 
@@ -64,6 +68,9 @@ class Phantom:
     bits_stored: int = 12
     #: Where the finding is, in pixels: (row0, col0, row1, col1), half-open; None for a normal chest.
     finding_box: tuple[int, int, int, int] | None = None
+    #: (size, size) uint8, bit :data:`NODULE_BIT` on the nodule and :data:`PNEUMOTHORAX_BIT` on the
+    #: pleural gap; None for a normal chest.
+    finding_mask: np.ndarray | None = None
     view_position: str = "PA"
 
     @property
@@ -193,7 +200,7 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
         rib_y0=rib_y0, rib_h=rng.uniform(0.018, 0.024, (2, n_ribs)),
         rib_mu=rng.uniform(0.25, 0.45, (2, n_ribs)), rib_spacing=spacing, rib_curve=u(0.36, 0.46),
         clavicle=(u(-0.68, -0.58), u(0.06, 0.12), u(0.5, 0.7)),
-        marking_mu=u(0.12, 0.20), marking_field=field.astype(np.float32),
+        marking_mu=u(0.09, 0.15), marking_field=field.astype(np.float32),
         photons=float(np.exp(u(math.log(800.0), math.log(4000.0)))), electronic=u(1.0, 3.0),
         offset=u(60.0, 300.0), top=u(3300.0, 3950.0), gamma=u(0.85, 1.15), window_scale=u(0.95, 1.12),
     )
@@ -224,7 +231,7 @@ def _draw_nodule(rng: np.random.Generator, a: _Anatomy) -> _Nodule:
     for _ in range(1000):
         side = int(rng.integers(0, 2))
         lung = a.lungs[side]
-        radius = rng.uniform(0.016, 0.045)
+        radius = rng.uniform(0.022, 0.06)
         ax = rng.uniform(lung.medial, lung.lateral)
         y = rng.uniform(lung.apex_y, lung.base_y)
         x = ax if side == 1 else -ax
@@ -232,7 +239,9 @@ def _draw_nodule(rng: np.random.Generator, a: _Anatomy) -> _Nodule:
         hr = ((c * (x - cx) + s * (y - cy)) / hx) ** 2 + ((-s * (x - cx) + c * (y - cy)) / hy) ** 2
         # Inside the lung with its whole outline, and not hidden behind the heart.
         if lung.inside(np.float64(ax), np.float64(y)) > radius + 0.03 and hr > 1.1:
-            return _Nodule(side, x, y, radius, rng.uniform(0.10, 0.40),
+            # A solid nodule: 0.2 to 0.4 per cm through its diameter, soft tissue to partly
+            # calcified (radius is in half-widths of the 43 cm field, so 1 cm is 0.023).
+            return _Nodule(side, x, y, radius, radius * 43.0 * 0.2 * rng.uniform(1.0, 2.0),
                            (rng.uniform(0.0, 0.12), rng.uniform(0.0, 2 * math.pi)))
     raise RuntimeError("no place for a nodule in this phantom's lungs")  # pragma: no cover
 
@@ -240,9 +249,9 @@ def _draw_nodule(rng: np.random.Generator, a: _Anatomy) -> _Nodule:
 def _draw_pneumothorax(rng: np.random.Generator, a: _Anatomy) -> _Pneumothorax:
     side = int(rng.integers(0, 2))
     lung = a.lungs[side]
-    return _Pneumothorax(side=side, scale=rng.uniform(0.78, 0.94),
+    return _Pneumothorax(side=side, scale=rng.uniform(0.84, 0.975),
                          anchor=(lung.medial + rng.uniform(0.0, 0.06), lung.base_y),
-                         lucency=rng.uniform(0.08, 0.18), line_mu=rng.uniform(0.15, 0.35),
+                         lucency=rng.uniform(0.04, 0.12), line_mu=rng.uniform(0.10, 0.25),
                          line_w=rng.uniform(0.003, 0.005))
 
 
@@ -465,6 +474,7 @@ def _attenuation(a: _Anatomy, size: int, nodule: _Nodule | None, ptx: _Pneumotho
 
 
 def _box(mask: np.ndarray | None) -> tuple[int, int, int, int] | None:
+    """Bounding box (row0, col0, row1, col1), half-open, of a mask's non-zero pixels."""
     if mask is None or not mask.any():
         return None
     rows, cols = np.nonzero(mask)
@@ -527,13 +537,16 @@ def make_phantom(seed: int, size: int = 1024, finding: str | None = None,
         # The inverted LINEAR window that maps every value to the same output (PS3.3 C.11.2.1.2.1).
         center = top_value + 1 - center
         photometric = "MONOCHROME1"
-    box = _box(ptx_mask > 0.5 if ptx_mask is not None else None)
-    nbox = _box(nodule_mask)
-    if box and nbox:
-        box = (min(box[0], nbox[0]), min(box[1], nbox[1]), max(box[2], nbox[2]), max(box[3], nbox[3]))
+    mask = None
+    if finding:
+        mask = np.zeros((size, size), dtype=np.uint8)
+        if nodule_mask is not None:
+            mask[nodule_mask] |= NODULE_BIT
+        if ptx_mask is not None:
+            mask[ptx_mask > 0.5] |= PNEUMOTHORAX_BIT
     return Phantom(pixels=pixels, window_center=center, window_width=width, photometric=photometric,
-                   finding=finding, seed=seed, bits_stored=bits_stored, finding_box=box or nbox)
-
+                   finding=finding, seed=seed, bits_stored=bits_stored, finding_box=_box(mask),
+                   finding_mask=mask)
 
 # ----------------------------------------------------------------------------------------------
 # DICOM
