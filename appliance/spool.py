@@ -47,7 +47,7 @@ IMPLEMENTATION_VERSION_NAME = f"APPLIANCE_{__version__}"[:16]
 RECOVERY_WINDOW_SECONDS = 300.0
 
 #: Start writing a reception back to disk every this many bytes, so its final flush finds little left.
-WRITE_BEHIND_BYTES = 4 << 20
+WRITE_BEHIND_BYTES = 1 << 20
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _SYNCFS = getattr(_libc, "syncfs", None)
@@ -187,6 +187,12 @@ class Reception:
             _SYNC_FILE_RANGE(self.fd, self._written_back, self.size - self._written_back, _SYNC_FILE_RANGE_WRITE)
             self._written_back = self.size
 
+    def write_back(self) -> None:
+        """Start writing back what is not yet on its way (the end of the data set), without waiting."""
+        if _SYNC_FILE_RANGE is not None and self.fd >= 0 and self.size > self._written_back:
+            _SYNC_FILE_RANGE(self.fd, self._written_back, self.size - self._written_back, _SYNC_FILE_RANGE_WRITE)
+            self._written_back = self.size
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -242,6 +248,7 @@ class Spool:
 
     def commit(self, reception: Reception, info: InstanceInfo, calling_ae: str) -> Stored | None:
         """Make a received instance durable and indexed.  None if it was already stored (idempotent)."""
+        reception.write_back()
         reception.close()
         final = reception.folder / f"{reception.name}.dcm"
         try:

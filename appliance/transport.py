@@ -85,6 +85,62 @@ class _Broken(Exception):
     """The peer sent something PS3.8 does not allow; its association is aborted."""
 
 
+class _Input:
+    """Reads a socket in large gulps and hands out exact byte counts: one system call per many PDUs."""
+
+    def __init__(self, size: int = CHUNK):
+        self.buffer = bytearray(size)
+        self.view = memoryview(self.buffer)
+        self.start = self.end = 0
+        self.sock: socket.socket | None = None
+
+    @property
+    def buffered(self) -> int:
+        return self.end - self.start
+
+    def _fill(self) -> None:
+        """Read what the socket has (at least a byte; blocking up to the socket's timeout)."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buffer):  # keep the unread tail, make room behind it
+            tail = self.end - self.start
+            self.buffer[:tail] = self.buffer[self.start:self.end]
+            self.start, self.end = 0, tail
+        n = self.sock.recv_into(self.view[self.end:])
+        if n == 0:
+            raise ConnectionError("the peer closed the connection")
+        self.end += n
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (ConnectionError if the peer closes first, TimeoutError if it stalls)."""
+        if n <= len(self.buffer):
+            while self.buffered < n:
+                self._fill()
+            data = bytes(self.view[self.start:self.start + n])
+            self.start += n
+            return data
+        parts, left = [], n
+        while left:
+            if not self.buffered:
+                self._fill()
+            take = min(left, self.buffered)
+            parts.append(bytes(self.view[self.start:self.start + take]))
+            self.start += take
+            left -= take
+        return b"".join(parts)
+
+    def stream(self, n: int, sink: Callable[[memoryview], None], on_progress: Callable[[], None]) -> None:
+        """Pass exactly ``n`` bytes to ``sink`` in the pieces they arrive in, without copying them."""
+        while n:
+            if not self.buffered:
+                self._fill()
+                on_progress()
+            take = min(n, self.buffered)
+            sink(self.view[self.start:self.start + take])
+            self.start += take
+            n -= take
+
+
 class _WakingQueue(queue.Queue):
     """The DUL's provider queue: putting a primitive wakes the reader out of ``select()``."""
 
@@ -100,6 +156,18 @@ class _WakingQueue(queue.Queue):
             pass
 
 
+class _SignallingQueue(queue.Queue):
+    """A queue the association's thread reads: putting an item wakes that thread."""
+
+    def __init__(self, wake: threading.Event):
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        self._wake.set()
+
+
 class StreamingDUL(DULServiceProvider):
     """pynetdicom's DICOM Upper Layer provider, with the reader and wait loop described above."""
 
@@ -110,8 +178,7 @@ class StreamingDUL(DULServiceProvider):
         os.set_blocking(self._wake_w, False)
         self.to_provider_queue = _WakingQueue(self._wake_w)
         self._route = route
-        self._buffer = bytearray(CHUNK)
-        self._view = memoryview(self._buffer)
+        self._input = _Input()
         self._command = bytearray()
         self._context_id: int | None = None
         self._reception: Reception | None = None
@@ -124,6 +191,7 @@ class StreamingDUL(DULServiceProvider):
         try:
             self._loop()
         finally:
+            self.assoc.wake.set()  # the association notices the upper layer has ended
             self._abandon()
             for fd in (self._wake_r, self._wake_w):
                 try:
@@ -172,7 +240,7 @@ class StreamingDUL(DULServiceProvider):
     def _wait(self, timeout: float = 0.05) -> None:
         """Sleep until the peer sends, a primitive is queued to send, or ``timeout`` passes."""
         sock = self.socket.socket if self.socket is not None else None
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        if self._input.buffered or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
             return
         try:
             ready, _, _ = select.select([sock, self._wake_r] if sock is not None else [self._wake_r], [], [], timeout)
@@ -188,19 +256,16 @@ class StreamingDUL(DULServiceProvider):
 
     # -- reading PDUs -----------------------------------------------------------------------------
 
-    def _recv_into(self, view: memoryview) -> None:
-        sock = self.socket.socket
-        got = 0
-        while got < len(view):
-            n = sock.recv_into(view[got:])
-            if n == 0:
-                raise ConnectionError("the peer closed the connection")
-            got += n
-
     def _recv(self, n: int) -> bytes:
-        data = bytearray(n)
-        self._recv_into(memoryview(data))
-        return bytes(data)
+        self._input.sock = self.socket.socket
+        return self._input.read(n)
+
+    def _is_transport_event(self) -> bool:
+        # As pynetdicom's, but bytes already read from the socket count as incoming data.
+        if self.state_machine.current_state != "Sta13" and self._input.buffered:
+            self._read_pdu_data()
+            return True
+        return super()._is_transport_event()
 
     def _limit(self, pdu_type: int) -> int:
         if pdu_type == 0x04:
@@ -296,12 +361,8 @@ class StreamingDUL(DULServiceProvider):
             raise _Broken(f"a data set fragment on presentation context {context_id}, its command on "
                           f"{self._context_id}")
         if self._reception is not None:
-            left = length
-            while left:
-                n = min(left, CHUNK)
-                self._recv_into(self._view[:n])
-                self._reception.write(self._view[:n])
-                left -= n
+            self._input.sock = self.socket.socket
+            self._input.stream(length, self._reception.write, self._idle_timer.restart)
             if is_last:
                 self._message_complete(context_id)
             return
@@ -367,15 +428,67 @@ class StreamingDUL(DULServiceProvider):
 
 
 class StreamingAssociation(Association):
-    """An acceptor association whose upper layer is a :class:`StreamingDUL`."""
+    """An acceptor association whose upper layer is a :class:`StreamingDUL`, and whose own thread
+    sleeps until the upper layer has something for it, instead of waking every millisecond."""
+
+    #: How often the association's thread looks at its timers when nothing wakes it.
+    POLL_SECONDS = 0.05
 
     def __init__(self, ae, route: Route):
         super().__init__(ae, MODE_ACCEPTOR)
+        self.wake = threading.Event()
         self.dul = StreamingDUL(self, route)
+        self.dul.to_user_queue = _SignallingQueue(self.wake)
+        self.dimse.msg_queue = _SignallingQueue(self.wake)
         # The timers live in the DUL: give the new one the values the old one was given.
         self.acse_timeout, self.network_timeout = self.acse_timeout, self.network_timeout
         #: Why the node rejected the association, if it did (a metric label).
         self.rejection: str | None = None
+
+    def kill(self) -> None:
+        self.wake.set()
+        super().kill()
+
+    def _run_reactor(self) -> None:
+        """pynetdicom's acceptor loop (serve DIMSE requests, answer a release, notice an abort, a
+        dead upper layer or the network timeout), driven by :attr:`wake`."""
+        busy = False
+        while not self._kill:
+            # Paused while asleep: another thread may use DIMSE on this association meanwhile
+            # (pynetdicom's send_*() methods wait for this flag).
+            self._is_paused = True
+            if not busy:
+                self.wake.wait(self.POLL_SECONDS)
+            self.wake.clear()
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            busy = msg is not None
+            if busy:
+                self._serve_request(msg, context_id)
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires, as in pynetdicom
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                log.warning("no PDU for %.0f s; association aborted", self.network_timeout or 0,
+                            extra={"event": "association.timeout"})
+                self.abort()
+                self.kill()
+                return
 
 
 class AssociationServer(ThreadedAssociationServer):
