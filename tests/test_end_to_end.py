@@ -67,6 +67,8 @@ def test_pacs_receives_a_valid_tid1500_report_per_radiograph_with_the_models_fin
     with NodeProcess(tmp_path / "node", [destination]) as node:
         storescu([positive, negative], LOOPBACK, node.port)
         orthanc.wait_for_instances(2, timeout=60, modality="SR")
+        # Orthanc holds the SR a moment before the node reads its 0x0000 and closes the outbox row.
+        _wait(lambda: "appliance_end_to_end_seconds_count 2.0" in node.metrics(), 10, "both acknowledgements", node)
         metrics = node.metrics()
     reports = sr_files(orthanc)
     assert len(reports) == 2
