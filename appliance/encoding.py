@@ -163,7 +163,7 @@ class _Reader:
         tag = group << 16 | element
         if group == 0xFFFE or implicit:  # item and delimiter tags have no VR in any syntax
             return tag, None, struct.unpack_from(e + "L", data, offset + 4)[0], offset + 8
-        vr = data[offset + 4:offset + 6]
+        vr = bytes(data[offset + 4:offset + 6])
         if vr in _LONG_VRS:
             if offset + 12 > len(data):
                 raise _Incomplete
@@ -196,7 +196,7 @@ class _Reader:
                 raise _Incomplete
 
 
-def read_identifiers(data: bytes, transfer_syntax: str, complete: bool) -> dict[str, str] | None:
+def read_identifiers(data: bytes | bytearray, transfer_syntax: str, complete: bool) -> dict[str, str] | None:
     """The :data:`IDENTIFIERS` present in a data set's first bytes, or None if unsure (ask pydicom).
 
     ``complete`` says ``data`` is the whole data set, not only its start.

@@ -59,7 +59,7 @@ TRANSFER_SYNTAXES = frozenset(ALL_TRANSFER_SYNTAXES)
 STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
 #: Bytes of a data set kept in memory while it streams to disk, to read its identifiers from.
-HEAD_BYTES = 256 << 10
+HEAD_BYTES = 64 << 10
 #: The attributes read from a data set before it is stored: identifiers, routing, (debug) PHI.
 HEADER_TAGS = ["SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                "Modality", "BodyPartExamined", "StudyDate", "StudyTime", "PatientID", "AccessionNumber"]
@@ -368,7 +368,7 @@ class Incoming:
 
     def _identifiers(self):
         """The data set's identifying attributes: read from its first bytes, or by pydicom if need be."""
-        found = read_identifiers(bytes(self.head), self.transfer_syntax, complete=self.size <= len(self.head))
+        found = read_identifiers(self.head, self.transfer_syntax, complete=self.size <= len(self.head))
         if found is not None:
             return found
         return pydicom.dcmread(self.reception.part, stop_before_pixels=True, specific_tags=HEADER_TAGS)

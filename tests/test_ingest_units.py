@@ -53,7 +53,7 @@ def test_identifiers_read_from_raw_bytes_are_what_pydicom_reads_or_none():
             except Exception:
                 continue
         for limit in (len(data), 2048):
-            found = encoding.read_identifiers(data[:limit], ts, complete=limit >= len(data))
+            found = encoding.read_identifiers(bytearray(data[:limit]), ts, complete=limit >= len(data))
             if found is None:
                 continue
             checked += 1
