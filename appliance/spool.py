@@ -329,12 +329,12 @@ class Spool:
 
     def recover(self) -> None:
         """Drop what a crash left that was never acknowledged (see the module's docstring)."""
-        newest = self.index.query("SELECT max(received_at) AS t FROM instances")[0]["t"]
-        since = None if newest is None else newest - RECOVERY_WINDOW_SECONDS
+        newest = self.index.query("SELECT received_at FROM instances ORDER BY rowid DESC LIMIT 1")
+        since = newest[0]["received_at"] - RECOVERY_WINDOW_SECONDS if newest else None
+        recent = self._indexed_since(since - 7200) if since is not None else []
         lost = []
-        if since is not None:
-            for row in self.index.query("SELECT sop_instance_uid, series_uid, path, size FROM instances "
-                                        "WHERE received_at >= ?", (since,)):
+        for row in recent:
+            if row["received_at"] >= since:
                 try:
                     complete = (self.root / row["path"]).stat().st_size == row["size"]
                 except OSError:
@@ -350,22 +350,33 @@ class Spool:
             log.warning("%d instance(s) indexed just before a crash were not on disk; removed (never acknowledged)",
                         len(lost), extra={"event": "spool.recovered", "instances": len(lost)})
         removed = 0
-        known = None
+        # Files in the buckets read below were all indexed (if at all) within two hours of ``since``.
+        known = {row["path"] for row in recent} - {row["path"] for row in lost}
         for folder in self._recent_buckets(since):
             for entry in os.scandir(folder):
                 if entry.name.endswith(".part"):
                     os.unlink(entry.path)
                     removed += 1
                 elif since is not None and entry.name.endswith(".dcm"):
-                    if known is None:
-                        known = {r["path"] for r in self.index.query(
-                            "SELECT path FROM instances WHERE received_at >= ?", (since - 3600,))}
                     if str(Path(entry.path).relative_to(self.root)) not in known:
                         os.unlink(entry.path)
                         removed += 1
         if removed:
             log.warning("%d file(s) of receptions a stop cut short were removed", removed,
                         extra={"event": "spool.cleaned", "files": removed})
+
+    def _indexed_since(self, since: float) -> list:
+        """Rows indexed at or after ``since``, newest first, reading no older rows than needed."""
+        rows = []
+        cursor = self.index.connection().execute(
+            "SELECT sop_instance_uid, series_uid, path, size, received_at FROM instances ORDER BY rowid DESC")
+        for row in cursor:
+            if row["received_at"] < since - 3600:  # an hour's slack for a clock set back meanwhile
+                break
+            if row["received_at"] >= since:
+                rows.append(row)
+        cursor.close()
+        return rows
 
     def _recent_buckets(self, since: float | None) -> list[Path]:
         """Hour folders that may hold files written at or after ``since`` (all of them if None)."""

@@ -494,6 +494,9 @@ class StreamingAssociation(Association):
 class AssociationServer(ThreadedAssociationServer):
     """A listener (plain TCP or TLS) whose connections pass the :class:`Gate` before they get a thread."""
 
+    #: Connections the kernel queues while the accept loop is busy (socketserver's default is 5).
+    request_queue_size = 128
+
     def __init__(self, ae, address: tuple[str, int], ae_title: str, contexts: list[PresentationContext], *,
                  ssl_context: ssl.SSLContext | None, evt_handlers: list, gate: Gate, timeout: float,
                  route: Route, on_refused: Callable[[str, str], None]):

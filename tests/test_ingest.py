@@ -214,6 +214,7 @@ def _ct(**changes) -> tuple[Dataset, bytes]:
     return ds, encode_data_set(ds, implicit=True)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_data_set_that_does_not_match_its_request_or_has_bad_uids_is_refused_and_not_stored(intake):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
