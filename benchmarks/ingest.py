@@ -16,7 +16,12 @@ each round into an empty spool / output folder; the best round counts (absolute 
 2x between runs on these machines, so compare only within one run). The clock runs from starting
 the senders to the last one exiting (association released).
 
-    .venv/bin/python benchmarks/ingest.py              # 3 rounds, prints a Markdown table
+The "flush floor" column is what durability alone costs on this disk, measured in the same run:
+writing each file of the corpus to a new file and flushing the file system after each (the
+node's own mechanism, one ``syncfs`` per instance), one after another, with no network and no
+DICOM. A single association cannot be faster than that; storescp does not pay it.
+
+    .venv/bin/python benchmarks/ingest.py              # 5 rounds, prints a Markdown table
 
 The ratio column is node images/s divided by storescp images/s (>1: the node is faster).
 """
@@ -109,9 +114,32 @@ def run_node(files: list[Path], associations: int, work: Path, models: Path) -> 
     return seconds
 
 
+def flush_floor(files: list[Path], work: Path) -> float:
+    """Seconds to write ``files`` to new files on ``work``'s file system, flushing it after each."""
+    from appliance.spool import Flusher
+
+    out = work / "floor"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    flusher = Flusher(out)
+    data = [f.read_bytes() for f in files]
+    started = time.perf_counter()
+    for i, blob in enumerate(data):
+        fd = os.open(out / f"{i}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            os.write(fd, blob)
+        finally:
+            os.close(fd)
+        flusher.flush()
+    seconds = time.perf_counter() - started
+    flusher.close()
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per cell; the best counts")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per cell; the best counts")
     parser.add_argument("--ct", type=int, default=200, help="CT slices (512x512 int16)")
     parser.add_argument("--dx", type=int, default=20, help="radiographs (2048x2048 uint16)")
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
@@ -130,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "dx"):
             corpora["DX 20 x 2048x2048 uint16" if args.dx == 20 else f"DX {args.dx}"] = radiographs(work / "dx", args.dx)
         rows = []
+        load = os.getloadavg()[0]
         for name, files in corpora.items():
             megabytes = sum(f.stat().st_size for f in files) / 1e6
+            floor = min(flush_floor(files, work) for _ in range(args.rounds))
             for associations in args.associations:
                 best = {"node": float("inf"), "dcmtk": float("inf")}
                 for r in range(args.rounds):
@@ -145,15 +175,17 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr, flush=True)
                 node_rate, dcmtk_rate = len(files) / best["node"], len(files) / best["dcmtk"]
                 rows.append((name, megabytes, associations, best["node"], node_rate, best["dcmtk"], dcmtk_rate,
-                             node_rate / dcmtk_rate))
+                             node_rate / dcmtk_rate, floor))
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{datetime.date.today()}, {platform.node()}, {os.cpu_count()} cores, best of {args.rounds}\n")
-    print("| corpus | MB | associations | node s | node images/s | storescp s | storescp images/s | node/dcmtk |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, mb, assoc, ns, nr, ds, dr, ratio in rows:
-        print(f"| {name} | {mb:.0f} | {assoc} | {ns:.3f} | {nr:.1f} | {ds:.3f} | {dr:.1f} | {ratio:.2f} |")
+    print(f"\n{datetime.date.today()}, {platform.node()}, {os.cpu_count()} cores, best of {args.rounds}, "
+          f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
+    print("| corpus | MB | associations | node s | node images/s | storescp s | storescp images/s | node/dcmtk "
+          "| flush floor s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, mb, assoc, ns, nr, ds, dr, ratio, floor in rows:
+        print(f"| {name} | {mb:.0f} | {assoc} | {ns:.3f} | {nr:.1f} | {ds:.3f} | {dr:.1f} | {ratio:.2f} | {floor:.3f} |")
     return 0
 
 
