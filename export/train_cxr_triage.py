@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import re
 import shutil
 import sys
@@ -133,6 +134,12 @@ def finding_for(index: int) -> str | None:
     return _FINDING_CYCLE[index % len(_FINDING_CYCLE)]
 
 
+def monochrome1_for(index: int) -> bool:
+    """One phantom in seven is stored as MONOCHROME1; seven is prime to the finding cycle's ten,
+    so every finding gets its share."""
+    return index % 7 == 3
+
+
 def preprocessing_package(package_dir: Path = PACKAGE_DIR) -> ModelPackage:
     """The package's manifest, loaded for its preprocessing even before a model.onnx exists."""
     if (package_dir / "manifest.toml").is_file() and (package_dir / "model.onnx").is_file():
@@ -166,7 +173,7 @@ def _example(job: tuple[int, int, int, str]) -> tuple[np.ndarray, tuple[bool, bo
     """One phantom as model input (float16, to halve the memory), its labels and finding cells."""
     seed, index, size, route = job
     assert _worker_package is not None
-    phantom = make_phantom(seed, size, finding_for(index), monochrome1=index % 5 == 3)
+    phantom = make_phantom(seed, size, finding_for(index), monochrome1=monochrome1_for(index))
     if route == "dicom":
         # The node's own path: a DX dataset, its Window Center/Width and photometric interpretation.
         x = prepare_instance(write_dicom(phantom), _worker_package)
@@ -182,7 +189,6 @@ def make_dataset(seed_base: int, count: int, size: int, route: str, package_dir:
     jobs = [(seed_base + i, i, size, route) for i in range(count)]
     if workers > 1:
         import multiprocessing
-        import os
         # Fresh processes with single-threaded BLAS: forked ones would inherit this process's
         # BLAS thread pool, and two processes of two threads each on two cores run slower than one.
         saved = {k: os.environ.get(k) for k in _BLAS_THREADS}
@@ -387,7 +393,7 @@ def rewrite_manifest(text: str, device_uid: str, hashes: dict[str, str]) -> str:
 
 
 def write_model_card(path: Path, command: str, config: TrainConfig, metrics: list[Metrics], parity: float,
-                     device_uid: str, onnx_digest: str, seconds: float, params: int) -> None:
+                     device_uid: str, onnx_digest: str, timings: dict[str, float], params: int) -> None:
     rows = "\n".join(
         f"| {m.finding} | {m.threshold:g} | {m.positives} / {m.negatives} | {m.accuracy:.3f} | "
         f"{m.sensitivity:.3f} | {m.specificity:.3f} | {m.auc:.3f} | {m.pointing:.2f} |" for m in metrics)
@@ -412,7 +418,7 @@ Device UID `{device_uid}`; model.onnx SHA-256 `{onnx_digest}`.
 
 {config.train_count} phantoms from `export/phantoms.py` (seeds {_TRAIN_SEED_BASE + config.seed * config.train_count}
 onwards) at {config.train_size} x {config.train_size} pixels, half without a finding and 30 % with each
-finding (10 % with both), one in five stored as MONOCHROME1; each fed through
+finding (10 % with both), one in seven stored as MONOCHROME1; each fed through
 `appliance.preprocessing.preprocess_pixels` with this package's preprocessing. {config.epochs} epochs,
 batch {config.batch}, AdamW (one-cycle learning rate, peak {config.lr:g}), binary cross-entropy per
 finding on the logits, plus a per-cell loss of a training-only 1x1 "locator" head that learns from
@@ -443,8 +449,11 @@ ONNX Runtime against torch, batch 1, 2 and 8: max |difference| {parity:.1e} (lim
 {command}
 ```
 
-Took {seconds / 60:.1f} minutes on {THREADS} CPU threads. A rerun gives a byte-identical
-`weights.pt` and a new `device_uid` only if the model changes.
+Took {timings["total"] / 60:.1f} minutes on {THREADS} CPU threads: {timings["phantoms"]:.0f} s making
+phantoms, {timings["training"]:.0f} s training, the rest exporting and evaluating (load average
+{timings["load"]:.1f} at the end; other work on the machine stretches these times). A rerun gives a
+byte-identical `weights.pt` and `model.onnx`, hence the same `device_uid`; any change to the
+phantoms, the model or the training gives a new one.
 
 ## Limits
 
@@ -486,8 +495,10 @@ def main(argv: list[str] | None = None) -> int:
                            config.train_size, "pixels", PACKAGE_DIR, config.workers)
     x_eval, y_eval, cells_eval = make_dataset(_EVAL_SEED_BASE, config.eval_count, config.eval_size, "dicom",
                                          PACKAGE_DIR, config.workers)
+    made = time.perf_counter()
     log("training")
     model = train(x, y, cells, config, log)
+    trained = time.perf_counter()
 
     torch.save(model.state_dict(), out / "weights.pt")
     export_onnx(model, out / "model.onnx")
@@ -504,9 +515,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{m.finding}: accuracy {m.accuracy:.3f} sensitivity {m.sensitivity:.3f} "
             f"specificity {m.specificity:.3f} AUC {m.auc:.3f} CAM pointing {m.pointing:.2f}")
     command = " ".join(["python -m export.train_cxr_triage", *(sys.argv[1:] if argv is None else argv)])
-    seconds = time.perf_counter() - started
+    timings = {"total": time.perf_counter() - started, "phantoms": made - started, "training": trained - made,
+               "load": os.getloadavg()[0]}
     write_model_card(out / "MODEL_CARD.md", command.strip(), config, metrics, parity, device_uid, onnx_digest,
-                     seconds, sum(p.numel() for p in model.parameters()))
+                     timings, sum(p.numel() for p in model.head.parameters()) + sum(
+                         p.numel() for p in model.features.parameters()))
     log(f"wrote {out}: model.onnx ({(out / 'model.onnx').stat().st_size / 1024:.0f} KiB), weights.pt, "
         f"manifest.toml (device_uid {device_uid}), MODEL_CARD.md")
     return 0

@@ -15,8 +15,8 @@ from appliance.manifest import load_package
 from appliance.preprocessing import preprocess_pixels, instance_window, modality_values
 from appliance.uids import derived_uid
 from export.phantoms import make_phantom, write_dicom
-from export.train_cxr_triage import (PACKAGE_DIR, CxrTriageNet, auc_roc, finding_for, rewrite_manifest,
-                                     sha256)
+from export.train_cxr_triage import (PACKAGE_DIR, CxrTriageNet, auc_roc, finding_for, monochrome1_for,
+                                     rewrite_manifest, sha256)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def _inputs(pkg, seeds: range, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Phantoms through the node's preprocessing, and their (nodule, pneumothorax) labels."""
     xs, ys = [], []
     for i, seed in enumerate(seeds):
-        phantom = make_phantom(seed, size, finding_for(i), monochrome1=i % 7 == 3)
+        phantom = make_phantom(seed, size, finding_for(i), monochrome1=monochrome1_for(i))
         ds = write_dicom(phantom)
         window, function = instance_window(ds)
         xs.append(preprocess_pixels(modality_values(ds), window, str(ds.PhotometricInterpretation), pkg, function))
