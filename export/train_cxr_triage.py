@@ -375,7 +375,7 @@ def sha256(path: Path) -> str:
 def rewrite_manifest(text: str, device_uid: str, hashes: dict[str, str]) -> str:
     """The manifest with a new device_uid and [hashes] table; every other line kept as it is."""
     text, n = re.subn(r'(?m)^device_uid\s*=\s*"[^"]*".*$',
-                      f'device_uid = "{device_uid}"   # derived from the SHA-256 of model.onnx; new on every retrain',
+                      f'device_uid = "{device_uid}"   # derived from the SHA-256 of model.onnx: a model that changes gets a new one',
                       text)
     if n != 1:
         raise ValueError("manifest has no [model] device_uid line to rewrite")
