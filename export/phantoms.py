@@ -31,8 +31,12 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 #: The findings :func:`make_phantom` can draw (``None`` is a normal chest).
 FINDINGS: tuple[str | None, ...] = (None, "nodule", "pneumothorax", "nodule+pneumothorax")
@@ -560,7 +564,7 @@ def _uid(kind: str, phantom: Phantom) -> str:
 def write_dicom(phantom: Phantom, path: str | Path | None = None, *, modality: str = "DX",
                 body_part: str = "CHEST", patient_name: str | None = None, patient_id: str | None = None,
                 study_uid: str | None = None, series_uid: str | None = None, sop_uid: str | None = None,
-                omit_type2: bool = False, **overrides: object) -> "pydicom.Dataset":
+                omit_type2: bool = False, **overrides: object) -> Dataset:
     """The phantom as a Digital X-Ray Image - For Presentation instance (PS3.3 A.26), Explicit VR
     Little Endian, written to ``path`` when one is given and returned.
 
@@ -570,7 +574,6 @@ def write_dicom(phantom: Phantom, path: str | Path | None = None, *, modality: s
     DX instance, on purpose).  ``overrides`` set any further attribute by keyword (``None``
     deletes it), e.g. ``Modality="CR"`` or ``WindowCenter=None``.
     """
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
