@@ -59,7 +59,7 @@ log = logging.getLogger("appliance.transport")
 CONTROL_PDU_LIMIT = 1 << 20
 #: Largest DIMSE command set accepted (a C-STORE-RQ's is under 300 bytes).
 COMMAND_LIMIT = 64 << 10
-#: Bytes read from the socket per write into the spool.
+#: Read buffer of an association: the most bytes one system call takes from its socket.
 CHUNK = 1 << 20
 #: A-ABORT PDU, source: service-provider (2), reason: invalid PDU parameter value (6); PS3.8 9.3.8.
 ABORT_INVALID_PARAMETER = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6))
