@@ -174,11 +174,13 @@ class StorageSCP:
                 syntaxes += [ts for ts in cx.transfer_syntax if ts in TRANSFER_SYNTAXES and ts not in syntaxes]
         contexts = []
         for abstract, syntaxes in wanted.items():
-            if syntaxes:
-                cx = PresentationContext()
-                cx.abstract_syntax = abstract
-                cx.transfer_syntax = syntaxes
-                contexts.append(cx)
+            if not syntaxes:  # none the node knows: negotiation answers "transfer syntaxes not supported"
+                contexts.append(self._supported[abstract])
+                continue
+            cx = PresentationContext()
+            cx.abstract_syntax = abstract
+            cx.transfer_syntax = syntaxes
+            contexts.append(cx)
         assoc.acceptor.supported_contexts = contexts
 
     def _handle_accepted(self, event) -> None:
