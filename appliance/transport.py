@@ -61,8 +61,10 @@ CONTROL_PDU_LIMIT = 1 << 20
 COMMAND_LIMIT = 64 << 10
 #: Read buffer of an association: the most bytes one system call takes from its socket.
 CHUNK = 1 << 20
-#: A-ABORT PDU, source: service-provider (2), reason: invalid PDU parameter value (6); PS3.8 9.3.8.
+#: A-ABORT PDUs (PS3.8 9.3.8), source: service-provider (2); reason: invalid PDU parameter value (6),
+#: or not specified (0).
 ABORT_INVALID_PARAMETER = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6))
+ABORT_NOT_SPECIFIED = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0))
 
 
 class Reception(Protocol):
@@ -213,7 +215,7 @@ class StreamingDUL(DULServiceProvider):
                     self._idle_timer.restart()
             except Exception:
                 log.exception("upper layer failed; association aborted", extra={"event": "association.failed"})
-                self._send_raw(ABORT_INVALID_PARAMETER[:8] + bytes((2, 0)))
+                self._send_raw(ABORT_NOT_SPECIFIED)
                 self.assoc.is_aborted = True
                 self.assoc.is_established = False
                 self.assoc._kill = True
@@ -286,8 +288,8 @@ class StreamingDUL(DULServiceProvider):
             return
         limit = self._limit(pdu_type)
         if length > limit:
-            self._abort(f"a PDU of type 0x{pdu_type:02X} declares {length} bytes, more than the {limit} "
-                        "negotiated (PS3.8 9.3.1, D.1)")
+            self._abort(f"a PDU of type 0x{pdu_type:02X} declares {length} bytes, more than the {limit} the node "
+                        "accepts (PS3.8 9.3.1, D.1)")
             return
         if pdu_type == 0x04 and self.state_machine.current_state == "Sta6":
             try:
