@@ -176,15 +176,23 @@ def cmd_push(args) -> int:
     return 1 if failures else 0
 
 
-def cmd_results(args) -> int:
+def _existing_index(cfg, what: str):
+    """The node's index, or None (with a note) when the node has not run with this data_dir yet."""
     from .index import Index
 
-    cfg = load(args.config)
     db_path = Path(cfg.data_dir) / "index.sqlite"
     if not db_path.exists():
-        print(f"no results yet: {db_path} does not exist", file=sys.stderr)
+        print(f"no {what} yet: {db_path} does not exist", file=sys.stderr)
+        return None
+    return Index(db_path)
+
+
+def cmd_results(args) -> int:
+    cfg = load(args.config)
+    index = _existing_index(cfg, "results")
+    if index is None:
         return 0
-    rows = Index(db_path).query(
+    rows = index.query(
         """SELECT r.*, (SELECT group_concat(o.destination || ':' || o.state, ' ') FROM outbox o
                         WHERE o.result_id = r.id) AS deliveries
            FROM results r ORDER BY r.produced_at DESC LIMIT ?""", (args.limit,))
@@ -230,14 +238,12 @@ def _since(text: str) -> float:
 
 def cmd_audit(args) -> int:
     from . import audit
-    from .index import Index
 
     cfg = load(args.config)
-    db_path = Path(cfg.data_dir) / "index.sqlite"
-    if not db_path.exists():
-        print(f"no audit trail yet: {db_path} does not exist", file=sys.stderr)
+    index = _existing_index(cfg, "audit trail")
+    if index is None:
         return 0
-    rows = audit.query(Index(db_path), args.since, args.event or None, args.limit)
+    rows = audit.query(index, args.since, args.event or None, args.limit)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -102,21 +102,10 @@ class Pipeline:
         pkg = runtime.package
         series = self.index.query("SELECT rowid AS id, * FROM series WHERE series_uid = ?", (job.series_uid,))[0]
         stage = _StageTimer(pkg.name)
-        sources, inputs, rejection = [], [], None
-        for path in self.spool.instance_paths(job.series_uid):
-            with stage("decode"):
-                ds = pydicom.dcmread(path)
-            try:
-                with stage("preprocess"):
-                    inputs.append(kernels.source_image(ds, pkg))
-            except InputRejected as e:
-                rejection = rejection or e
-                continue
-            sources.append(ds)
-        if not inputs:
-            raise rejection or InputRejected("empty", "the series has no instances")
+        with stage("decode"):
+            datasets = [pydicom.dcmread(path) for path in self.spool.instance_paths(job.series_uid)]
         with stage("preprocess"):  # the whole series in one batch: GPU, else the host build
-            batch = kernels.preprocess(inputs, kernels.model_input(pkg))
+            batch, sources, _ = kernels.prepare(datasets, pkg)
         with stage("inference"):
             outputs = self._infer(runtime, batch)
         found = findings(pkg, outputs)
@@ -143,7 +132,7 @@ class Pipeline:
             for level, reached in (("positive", f.present), ("critical", f.critical)):
                 if reached:
                     metrics.FINDINGS.labels(pkg.name, f.output.name, level).inc()
-        log.info("result produced from %d image(s): %s", len(inputs),
+        log.info("result produced from %d image(s): %s", len(sources),
                  ", ".join(f"{f.output.name}={f.probability:.3f}{' present' if f.present else ''}"
                            f"{' CRITICAL' if f.critical else ''}" for f in found),
                  extra={"event": "job.done", "job": job.id, "series": series["id"], "result": result_id,
