@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 LOOPBACK = "127.0.0.1"
 
@@ -133,6 +133,19 @@ def ensure_tools(*executables: str) -> dict[str, str]:
             _unavailable(f"{tool} still missing after apt-get install {DEBIAN_PACKAGES[tool]}")
         paths[tool] = path
     return paths
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               detail: Callable[[], str] | str = "", interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something true and return that; TimeoutError after
+    ``timeout`` seconds, naming ``what`` and adding ``detail`` (a log tail, read at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} did not happen within {timeout} s\n{detail() if callable(detail) else detail}")
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from appliance.reporting import read_report
 from appliance.runtime import OnnxRuntime
 from export.phantoms import make_phantom, write_dicom
 from nodeproc import NodeProcess
-from peers import LOOPBACK, Orthanc, dciodvfy, echoscu, ensure_tools, storescu
+from peers import LOOPBACK, Orthanc, dciodvfy, echoscu, ensure_tools, storescu, wait_until
 
 pytestmark = pytest.mark.peers
 
@@ -68,7 +68,8 @@ def test_pacs_receives_a_valid_tid1500_report_per_radiograph_with_the_models_fin
         storescu([positive, negative], LOOPBACK, node.port)
         orthanc.wait_for_instances(2, timeout=60, modality="SR")
         # Orthanc holds the SR a moment before the node reads its 0x0000 and closes the outbox row.
-        _wait(lambda: "appliance_end_to_end_seconds_count 2.0" in node.metrics(), 10, "both acknowledgements", node)
+        wait_until(lambda: "appliance_end_to_end_seconds_count 2.0" in node.metrics(), 10, "both acknowledgements",
+                   node.log)
         metrics = node.metrics()
     reports = sr_files(orthanc)
     assert len(reports) == 2
@@ -93,15 +94,6 @@ def test_pacs_receives_a_valid_tid1500_report_per_radiograph_with_the_models_fin
     assert "appliance_end_to_end_seconds_count 2.0" in metrics
 
 
-def _wait(predicate, timeout: float, what: str, node: NodeProcess):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} did not happen in {timeout} s:\n{node.log()}")
-
-
 def _outbox_attempted(node: NodeProcess) -> bool:
     try:
         with sqlite3.connect(f"file:{node.data_dir / 'index.sqlite'}?mode=ro", uri=True) as db:
@@ -121,7 +113,7 @@ def test_node_killed_before_delivery_delivers_the_same_report_exactly_once_after
     try:
         storescu(source, LOOPBACK, node.port)
         if when == "after the report is in the outbox":
-            _wait(lambda: _outbox_attempted(node), 30, "a failed delivery attempt", node)
+            wait_until(lambda: _outbox_attempted(node), 30, "a failed delivery attempt", node.log)
         node.kill()
         with pacs:
             node.start()
@@ -171,10 +163,10 @@ def test_bad_input_is_stored_not_inferred_counted_and_the_node_keeps_serving(tmp
     with NodeProcess(tmp_path / "node", extra=route) as node:
         storescu(bad + non_images, LOOPBACK, node.port, extra_args=["-R"])
         for reason in ("modality", "photometric", "no_pixel_data"):
-            _wait(lambda: f'reason="{reason}"' in node.metrics(), 30, f"rejection for {reason}", node)
+            wait_until(lambda: f'reason="{reason}"' in node.metrics(), 30, f"rejection for {reason}", node.log)
         echoscu(LOOPBACK, node.port)
         storescu(good, LOOPBACK, node.port)
-        _wait(lambda: 'outcome="success"} 1.0' in node.metrics(), 30, "inference of a good image", node)
+        wait_until(lambda: 'outcome="success"} 1.0' in node.metrics(), 30, "inference of a good image", node.log)
         metrics = node.metrics()
         log = node.log_path.read_text()
     assert 'appliance_instances_received_total{status="stored"} 6.0' in metrics
@@ -195,7 +187,7 @@ def test_a_second_copy_of_an_instance_is_acknowledged_and_reported_once(tmp_path
     with NodeProcess(tmp_path / "node") as node:
         storescu(source, LOOPBACK, node.port)
         storescu(source, LOOPBACK, node.port)
-        _wait(lambda: 'outcome="success"} 1.0' in node.metrics(), 30, "inference", node)
+        wait_until(lambda: 'outcome="success"} 1.0' in node.metrics(), 30, "inference", node.log)
         time.sleep(0.5)
         metrics = node.metrics()
     assert 'appliance_instances_received_total{status="duplicate"} 1.0' in metrics

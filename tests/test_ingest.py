@@ -28,7 +28,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 from appliance.scp import STORAGE_SOP_CLASSES
 from ingest_support import (CT_IMAGE, DX_IMAGE, Recorder, encode_data_set, exchanges, image, ingest_node,
                             open_association, p_data, raw_store, read_pdu, tiny_model_package)
-from peers import LOOPBACK, PeerError, echoscu, ensure_tools, storescu
+from peers import LOOPBACK, PeerError, echoscu, ensure_tools, storescu, wait_until
 
 pytestmark = pytest.mark.peers
 
@@ -59,16 +59,6 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def data_set_of(path: Path) -> bytes:
@@ -306,7 +296,7 @@ def test_connections_over_the_per_source_limit_are_closed_and_the_rest_served(tm
         with pytest.raises(PeerError):
             echoscu(LOOPBACK, node.port)
         first.close()
-        wait_for(lambda: _echo_ok(node.port), 10, "an echo once a connection closed")
+        wait_until(lambda: _echo_ok(node.port), 10, "an echo once a connection closed")
         metrics = node.metrics()
         second.close()
         third.close()
@@ -406,7 +396,7 @@ def test_compressed_radiographs_are_decoded_and_inferred_and_an_undecodable_one_
     with ingest_node(tmp_path / "node", models, match='Modality = ["DX"]') as node:
         for path, option in sent.items():
             storescu(path, LOOPBACK, node.port, extra_args=[option])
-        wait_for(lambda: 'reason="decode"' in node.metrics()
+        wait_until(lambda: 'reason="decode"' in node.metrics()
                  and 'outcome="success"} 2.0' in node.metrics(), 60, "two inferences and a decode rejection")
         metrics = node.metrics()
     assert 'appliance_inputs_rejected_total{model="tiny-cxr",reason="decode"} 1.0' in metrics

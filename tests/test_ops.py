@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -17,7 +16,7 @@ import pytest
 
 from export.phantoms import make_phantom, write_dicom
 from nodeproc import NodeProcess
-from peers import LOOPBACK, PeerError, ensure_tools, free_port, spawn, stop_process, storescu, tail
+from peers import LOOPBACK, PeerError, ensure_tools, free_port, spawn, stop_process, storescu, tail, wait_until
 
 pytestmark = pytest.mark.peers
 
@@ -41,16 +40,6 @@ def http(url: str) -> tuple[int, bytes]:
         return 0, b""  # not listening yet
 
 
-def wait_until(predicate, timeout: float, what: str, log: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} did not happen within {timeout} s\n{log}")
-
-
 class Prometheus:
     """A real Prometheus server on loopback scraping one target every second."""
 
@@ -70,7 +59,7 @@ class Prometheus:
                               f"--storage.tsdb.path={self.workdir / 'tsdb'}",
                               f"--web.listen-address={LOOPBACK}:{self.port}"], self.log_path)
         wait_until(lambda: self._running() and http(f"http://{LOOPBACK}:{self.port}/-/ready")[0] == 200,
-                   60, "Prometheus ready", self.log())
+                   60, "Prometheus ready", self.log)
         return self
 
     def _running(self) -> bool:
@@ -100,7 +89,7 @@ def test_prometheus_scrapes_counts_and_histograms_and_nothing_names_the_patient(
             Prometheus(tmp_path / "prom", f"{LOOPBACK}:{node.metrics_port}") as prom:
         storescu(files, LOOPBACK, node.port)
         wait_until(lambda: prom.value('appliance_inferences_total{outcome="success"}') == 2.0, 60,
-                   "two inferences seen by Prometheus", node.log())
+                   "two inferences seen by Prometheus", node.log)
         assert prom.value('appliance_instances_received_total{status="stored"}') == 2.0
         assert prom.value('appliance_series_completed_total{trigger="release"}') == 2.0
         assert prom.value('appliance_stage_seconds_count{stage="inference",model="cxr-triage"}') == 2.0
@@ -127,7 +116,7 @@ def test_audit_trail_traces_a_study_from_arrival_to_result(tmp_path, dcmtk):
     ds = pydicom.dcmread(source, stop_before_pixels=True)
     with NodeProcess(tmp_path / "node") as node:
         storescu(source, LOOPBACK, node.port, calling="CT-SCANNER-3")
-        wait_until(lambda: 'outcome="success"} 1.0' in node.metrics(), 30, "inference", node.log())
+        wait_until(lambda: 'outcome="success"} 1.0' in node.metrics(), 30, "inference", node.log)
         done = subprocess.run([sys.executable, "-m", "appliance", "audit", "--config", str(node.config),
                                "--since", "1h", "--json"], capture_output=True, text=True, check=True)
     rows = json.loads(done.stdout)
@@ -167,7 +156,7 @@ def test_phi_appears_in_logs_only_when_the_operator_turns_the_debug_switch_on(tm
     source = radiograph(tmp_path / "cxr.dcm", 90, None)
     with NodeProcess(tmp_path / "node", extra="[logging]\ninclude_phi = true\n") as node:
         storescu(source, LOOPBACK, node.port)
-        wait_until(lambda: "instance.stored" in node.log_path.read_text(), 30, "a stored instance", node.log())
+        wait_until(lambda: "instance.stored" in node.log_path.read_text(), 30, "a stored instance", node.log)
     logged = node.log_path.read_text()
     assert "include_phi is on" in logged
     assert PATIENT_ID in logged
