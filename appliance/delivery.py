@@ -18,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
                                   SegmentationStorage)
 
-from . import audit, metrics, outbox
+from . import audit, metrics
 from .config import Config, Destination
 from .index import Index
 
@@ -63,7 +63,6 @@ class Delivery:
                 self._failed(batch, "destination not configured", refused=False)
                 continue
             self._send(dest, batch)
-        self._update_depth()
         nxt = self.index.query("SELECT min(next_attempt) AS t FROM outbox WHERE state = 'pending'")[0]["t"]
         return nxt
 
@@ -136,6 +135,3 @@ class Delivery:
                                                     "destination": row["destination"]})
         for row in rows:
             metrics.DELIVERIES.labels(row["destination"], "refused" if refused else "failure").inc()
-
-    def _update_depth(self) -> None:
-        metrics.OUTBOX_DEPTH.set(outbox.depth(self.index))
