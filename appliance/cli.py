@@ -257,6 +257,111 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def _packages(cfg) -> list[tuple[Path, object]]:
+    """Every package folder on the model search path: (folder, package or the error loading it)."""
+    from .manifest import load_package
+
+    found, seen = [], set()
+    for folder in cfg.model_search_path:
+        if not Path(folder).is_dir():
+            continue
+        for candidate in sorted(Path(folder).iterdir()):
+            if (candidate / "manifest.toml").is_file() and candidate.name not in seen:
+                seen.add(candidate.name)  # the first folder on the search path wins, as in find_package
+                try:
+                    found.append((candidate, load_package(candidate)))
+                except ManifestError as e:
+                    found.append((candidate, e))
+    return found
+
+
+def _hash_state(pkg) -> str:
+    try:
+        pkg.verify_hashes()
+        return "verified"
+    except ManifestError as e:
+        return f"MISMATCH: {e}"
+
+
+def cmd_models_list(args) -> int:
+    cfg = load(args.config)
+    routed = {m for route in cfg.routes for m in route.models}
+    rows = []
+    for folder, pkg in _packages(cfg):
+        if isinstance(pkg, ManifestError):
+            rows.append({"name": folder.name, "path": str(folder), "error": str(pkg)})
+            continue
+        rows.append({"name": pkg.name, "version": pkg.version, "task": pkg.task, "precision": pkg.precision,
+                     "modalities": list(pkg.applicability.modalities), "routed": pkg.name in routed,
+                     "hashes": _hash_state(pkg), "path": str(folder)})
+    bad = any("error" in r or r["hashes"].startswith("MISMATCH") for r in rows)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 1 if bad else 0
+    print(f"{'name':<24} {'version':<10} {'task':<15} {'prec':<5} {'modalities':<12} {'routed':<7} hashes")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<24} INVALID: {r['error']}")
+            continue
+        print(f"{r['name']:<24} {r['version']:<10} {r['task']:<15} {r['precision']:<5} "
+              f"{','.join(r['modalities']):<12} {'yes' if r['routed'] else 'no':<7} {r['hashes'].split(':')[0]}")
+    return 1 if bad else 0
+
+
+def cmd_models_show(args) -> int:
+    from .manifest import find_package
+
+    cfg = load(args.config)
+    pkg = find_package(args.name, cfg.model_search_path)
+    pre = pkg.preprocessing
+
+    def code(c) -> str:
+        return f"({c.value}, {c.scheme}, \"{c.meaning}\")" if c else "-"
+
+    window = f"centre {pre.window.center:g}, width {pre.window.width:g}" if pre.window else "from the DICOM VOI"
+    lines = [
+        f"{pkg.name} {pkg.version}  ({pkg.path})",
+        f"  task            {pkg.task}, precision {pkg.precision}",
+        f"  device UID      {pkg.device_uid}",
+        f"  manufacturer    {pkg.manufacturer}",
+        f"  intended use    {pkg.intended_use}",
+        f"  model file      {pkg.model_file}",
+        f"  input           {pkg.input_name}: {pkg.input_channels}x{pkg.input_height}x{pkg.input_width} "
+        f"{pkg.input_layout}, batch {pkg.min_batch}/{pkg.opt_batch}/{pkg.max_batch} (min/opt/max)",
+        f"  preprocessing   window {window}; resize {pre.resize}; mean {list(pre.mean)}, std {list(pre.std)}; "
+        f"MONOCHROME1 {pre.monochrome1}",
+        f"  applies to      modalities {', '.join(pkg.applicability.modalities) or 'any'}; "
+        f"body parts {', '.join(pkg.applicability.body_parts) or 'any'}; "
+        f"SOP classes {', '.join(pkg.applicability.sop_classes) or 'any'}",
+        "  outputs",
+    ]
+    for o in pkg.outputs:
+        lines.append(f"    {o.name:<14} {o.tensor}[{o.index}] {o.activation}; finding {code(o.finding)}; "
+                     f"site {code(o.finding_site)}; positive >= {o.threshold_positive:g}, "
+                     f"critical >= {o.threshold_critical:g}" + (f"; category {code(o.category)}" if o.category else ""))
+    if pkg.export:
+        source = f"{pkg.export.factory} + {pkg.export.weights}" if pkg.export.factory else pkg.export.program
+        lines.append(f"  export          {source}; opset {pkg.export.opset}; "
+                     f"tolerance atol {pkg.export.atol:g}, rtol {pkg.export.rtol:g}")
+    state = _hash_state(pkg)
+    lines.append(f"  hashes          {state}")
+    for name, digest in pkg.hashes.items():
+        lines.append(f"    {name:<22} {digest}")
+    print("\n".join(lines))
+    return 0 if state == "verified" else 1
+
+
+#: Toolchain commands: each module defines ``add_arguments(parser)`` and ``run(args) -> int`` and
+#: keeps heavy imports (torch, onnx, tensorrt, matplotlib) inside functions, so listing them here
+#: costs the other commands nothing.
+_TOOLCHAIN = {
+    "export": ("export.onnx_export", "export a PyTorch model to ONNX in a model package, with a parity check"),
+    "quantize": ("export.quantize", "make an FP16 or INT8 (Q/DQ) version of a package, checked against FP32"),
+    "build-engine": ("appliance.engines", "build TensorRT engines for this GPU from a package's ONNX"),
+    "evaluate": ("export.evaluate", "measure a package on labelled DICOM studies through the node's pipeline"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -294,6 +399,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("models", help="the model packages this node can load")
+    models = p.add_subparsers(dest="models_command", required=True)
+    q = models.add_parser("list", help="every package on the search path, with its hash check")
+    q.add_argument("--config")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_models_list)
+    q = models.add_parser("show", help="one package's manifest: codes, thresholds, preprocessing, hashes")
+    q.add_argument("name")
+    q.add_argument("--config")
+    q.set_defaults(func=cmd_models_show)
+
+    import importlib
+
+    for command, (module, text) in _TOOLCHAIN.items():
+        try:
+            tool = importlib.import_module(module)
+        except ModuleNotFoundError as e:  # export/ is not installed on a runtime-only box
+            if e.name and module.startswith(e.name):
+                continue
+            raise
+        p = sub.add_parser(command, help=text, description=(tool.__doc__ or text).strip().split("\n\n")[0])
+        tool.add_arguments(p)
+        p.set_defaults(func=tool.run)
 
     args = parser.parse_args(argv)
     from . import logs

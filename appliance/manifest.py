@@ -9,6 +9,7 @@ an error names the file, the key, the value and what was expected.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from .tomltable import Table
 BUNDLED_DIR = Path(__file__).resolve().parent / "model_packages"
 
 TASKS = ("classification", "segmentation", "detection")
+PRECISIONS = ("fp32", "fp16", "int8")
+LAYOUTS = ("NCHW", "NHWC")
 ACTIVATIONS = ("sigmoid", "softmax", "none")
 RESIZE_MODES = ("area", "bilinear")
 MONOCHROME1_MODES = ("invert", "keep")
@@ -70,6 +73,9 @@ class Output:
     finding_site: Code | None
     threshold_positive: float
     threshold_critical: float
+    #: Segmented property category (PS3.3 C.8.20.2, CID 7150); required for segmentation outputs,
+    #: where ``finding`` is the segmented property type and ``index`` the channel of the mask.
+    category: Code | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,22 @@ class Applicability:
     body_parts: tuple[str, ...]
     sop_classes: tuple[str, ...]
     photometric_interpretations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """How ``appliance export`` rebuilds ``model.onnx`` from PyTorch (the ``[export]`` table).
+
+    Exactly one source: ``factory`` (``package.module:function`` returning an ``nn.Module``) with
+    ``weights`` (a state dict in the package), or ``program`` (a saved ``torch.export`` program).
+    """
+
+    factory: str | None
+    weights: str | None
+    program: str | None
+    opset: int
+    atol: float
+    rtol: float
 
 
 @dataclass(frozen=True)
@@ -100,10 +122,41 @@ class ModelPackage:
     applicability: Applicability
     outputs: tuple[Output, ...]
     hashes: dict[str, str] = field(default_factory=dict)
+    #: "NCHW" or "NHWC"; the preprocessing kernels produce NCHW and the runtime transposes.
+    input_layout: str = "NCHW"
+    #: The batch range an engine is built for (TensorRT optimisation profile: min, opt, max).
+    min_batch: int = 1
+    opt_batch: int = 1
+    #: Numeric precision of ``model_file``: "fp32", or "fp16"/"int8" when ``appliance quantize``
+    #: produced it (precision is carried by the ONNX graph itself: FP16 tensors, Q/DQ nodes).
+    precision: str = "fp32"
+    export: ExportSpec | None = None
 
     @property
     def onnx_path(self) -> Path:
         return self.path / self.model_file
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.toml"
+
+    def verify_hashes(self) -> None:
+        """Refuse artefacts that differ from the SHA-256 the manifest records for them.
+
+        A model is a medical device's software: a file changed after export (a copy gone wrong, an
+        edit, a swap) must stop the package from loading, not silently change results.
+        """
+        if self.model_file not in self.hashes:
+            raise ManifestError(f"{self.manifest_path}: [hashes] has no entry for {self.model_file!r}; "
+                                "run `appliance export` (or `appliance models rehash`) to record it")
+        for name, expected in self.hashes.items():
+            artefact = self.path / name
+            if not artefact.is_file():
+                raise ManifestError(f"{self.manifest_path}: [hashes] names {name!r}, which is not in {self.path}")
+            actual = file_sha256(artefact)
+            if actual != expected:
+                raise ManifestError(f"{self.manifest_path}: {name} has {actual}, the manifest records {expected}; "
+                                    "the file changed after export: restore it or export the package again")
 
 
 def load_package(path: str | Path) -> ModelPackage:
@@ -123,7 +176,9 @@ def load_package(path: str | Path) -> ModelPackage:
     inp = r.table("input")
     app = r.table("applicability")
     window = None
-    if pre.has("window"):
+    if isinstance(pre.doc.get("window"), str):
+        pre.choice("window", ("voi",))  # "voi": from the instance (PS3.3 C.11.2), same as no window
+    elif pre.has("window"):
         w = pre.table("window")
         window = Window(w.number("center"), w.number("width", positive=True))
         w.done()
@@ -142,6 +197,7 @@ def load_package(path: str | Path) -> ModelPackage:
         monochrome1=pre.choice("monochrome1", MONOCHROME1_MODES, default="invert"),
     )
     pre.done()
+    task = model.choice("task", TASKS)
     outputs = []
     for o in r.tables("outputs"):
         positive = o.number("threshold_positive", minimum=0.0, maximum=1.0)
@@ -158,10 +214,17 @@ def load_package(path: str | Path) -> ModelPackage:
             finding_site=_code(o, "finding_site") if o.has("finding_site") else None,
             threshold_positive=positive,
             threshold_critical=critical,
+            category=_code(o, "category") if task == "segmentation" or o.has("category") else None,
         ))
         o.done()
     if not outputs:
         raise ManifestError(f"{manifest}: no [[outputs]]; a package must report at least one finding")
+    max_batch = inp.integer("max_batch", minimum=1, default=8)
+    min_batch = inp.integer("min_batch", minimum=1, default=1)
+    opt_batch = inp.integer("opt_batch", minimum=1, default=min_batch)
+    if not min_batch <= opt_batch <= max_batch:
+        raise ManifestError(f"{manifest}: input.min_batch <= input.opt_batch <= input.max_batch does not hold "
+                            f"({min_batch}, {opt_batch}, {max_batch}); these are the engine's batch range")
     device_uid = model.string("device_uid")
     if len(device_uid) > 64 or not _UID_RE.match(device_uid):
         raise ManifestError(f"{manifest}: model.device_uid = {device_uid!r} is not a DICOM UID "
@@ -172,14 +235,14 @@ def load_package(path: str | Path) -> ModelPackage:
         version=model.string("version"),
         device_uid=device_uid,
         manufacturer=model.string("manufacturer"),
-        task=model.choice("task", TASKS),
+        task=task,
         intended_use=model.string("intended_use"),
         model_file=model.string("file", default="model.onnx"),
         input_name=inp.string("name"),
         input_height=inp.integer("height", minimum=1),
         input_width=inp.integer("width", minimum=1),
         input_channels=channels,
-        max_batch=inp.integer("max_batch", minimum=1, default=8),
+        max_batch=max_batch,
         heatmap_tensor=model.string("heatmap_tensor", None),
         preprocessing=preprocessing,
         applicability=Applicability(
@@ -190,7 +253,12 @@ def load_package(path: str | Path) -> ModelPackage:
                 "photometric_interpretations", default=["MONOCHROME1", "MONOCHROME2"])),
         ),
         outputs=tuple(outputs),
-        hashes=dict(r.table("hashes", {}).doc),
+        hashes=_hashes(r.table("hashes", {})),
+        input_layout=inp.choice("layout", LAYOUTS, default="NCHW"),
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        precision=model.choice("precision", PRECISIONS, default="fp32"),
+        export=_export_spec(r.table("export")) if r.has("export") else None,
     )
     model.done()
     inp.done()
@@ -199,6 +267,45 @@ def load_package(path: str | Path) -> ModelPackage:
     if not pkg.onnx_path.is_file():
         raise ManifestError(f"{manifest}: model.file = {pkg.model_file!r} does not exist in {path}")
     return pkg
+
+
+def file_sha256(path: Path) -> str:
+    """``sha256:<hex>`` of a file, the form ``[hashes]`` records."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def _hashes(t: Table) -> dict[str, str]:
+    hashes = {}
+    for name in t.doc:
+        value = t.string(name)
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+            raise t._bad(name, value, '"sha256:" and 64 lower-case hex digits')
+        if "/" in name or name.startswith("."):
+            raise t._bad(name, value, "an artefact name inside the package folder")
+        hashes[name] = value
+    t.done()
+    return hashes
+
+
+def _export_spec(t: Table) -> ExportSpec:
+    spec = ExportSpec(
+        factory=t.string("factory", None),
+        weights=t.string("weights", None),
+        program=t.string("program", None),
+        opset=t.integer("opset", minimum=7, default=18),
+        atol=t.number("atol", 1e-4, minimum=0.0),
+        rtol=t.number("rtol", 1e-3, minimum=0.0),
+    )
+    if (spec.factory is None) == (spec.program is None):
+        raise t.error("export: give either factory (with weights) or program, not both or neither")
+    if spec.factory is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec.factory):
+        raise t._bad("factory", spec.factory, "package.module:function")
+    t.done()
+    return spec
 
 
 def _code(t: Table, key: str) -> Code:

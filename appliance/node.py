@@ -40,9 +40,16 @@ LEASE_SECONDS = 300.0
 
 
 def load_packages(cfg: Config) -> dict[str, ModelPackage]:
-    """Every package a route names, validated now so a bad one stops start-up, not a job."""
+    """Every package a route names, validated now so a bad one stops start-up, not a job.
+
+    Artefacts are checked against the manifest's SHA-256 too: a model file that changed after
+    export must not change results silently.
+    """
     names = sorted({m for route in cfg.routes for m in route.models})
-    return {name: find_package(name, cfg.model_search_path) for name in names}
+    packages = {name: find_package(name, cfg.model_search_path) for name in names}
+    for pkg in packages.values():
+        pkg.verify_hashes()
+    return packages
 
 
 class Node:

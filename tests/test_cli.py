@@ -68,3 +68,23 @@ def test_a_wrong_configuration_stops_start_up_with_the_key(tmp_path):
     done = appliance("serve", "--config", str(bad))
     assert done.returncode == 2
     assert "node.port = 0" in done.stderr
+
+
+def test_models_list_and_show_name_the_package_and_catch_a_changed_file(tmp_path, capsys):
+    import shutil
+
+    from appliance.cli import main
+    from appliance.manifest import BUNDLED_DIR
+
+    assert main(["models", "show", "cxr-triage"]) == 0
+    shown = capsys.readouterr().out
+    assert "(27925004, SCT, \"Nodule\")" in shown and "hashes          verified" in shown
+    models = tmp_path / "models"
+    shutil.copytree(BUNDLED_DIR / "cxr-triage", models / "cxr-triage")
+    (models / "cxr-triage" / "model.onnx").write_bytes(b"tampered")
+    config = tmp_path / "node.toml"
+    config.write_text(f'[models]\ndirs = ["{models}"]\n')
+    assert main(["models", "list", "--config", str(config), "--json"]) == 1
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["name"] == "cxr-triage" and rows[0]["hashes"].startswith("MISMATCH")
+    assert main(["models", "show", "cxr-triage", "--config", str(config)]) == 1

@@ -52,3 +52,42 @@ def test_a_broken_manifest_is_refused_naming_the_key(package, old, new, names):
 def test_an_unknown_package_name_says_where_it_looked(tmp_path):
     with pytest.raises(ManifestError, match="not found in"):
         find_package("no-such-model", [tmp_path])
+
+
+@pytest.mark.parametrize("old, new, names", [
+    ('max_batch = 8', 'max_batch = 8\nmin_batch = 4\nopt_batch = 2', ["min_batch <= input.opt_batch", "(4, 2, 8)"]),
+    ('channels = 1', 'channels = 1\nlayout = "CHW"', ["input.layout", "NCHW, NHWC"]),
+    ('task = "classification"', 'task = "classification"\nprecision = "int4"', ["model.precision", "fp32, fp16, int8"]),
+    ('resize = "area"', 'resize = "area"\nwindow = "dicom"', ["preprocessing.window", "'dicom'"]),
+    ('"model.onnx" = "sha256:', '"model.onnx" = "md5:', ["hashes.model.onnx", "64 lower-case hex"]),
+    ('task = "classification"', 'task = "segmentation"', ["outputs[0].category is required"]),
+    ('\n[hashes]\n', '\n[export]\nweights = "weights.pt"\n[hashes]\n', ["factory (with weights) or program"]),
+    ('\n[hashes]\n', '\n[export]\nfactory = "not a factory"\n[hashes]\n', ["export.factory", "package.module:function"]),
+])
+def test_new_manifest_keys_are_checked_and_named(package, old, new, names):
+    edit(package, old, new)
+    with pytest.raises(ManifestError) as e:
+        load_package(package)
+    for name in names:
+        assert name in str(e.value)
+
+
+def test_batch_range_layout_window_and_export_source_are_read(package):
+    edit(package, 'max_batch = 8', 'max_batch = 8\nmin_batch = 1\nopt_batch = 4\nlayout = "NHWC"')
+    edit(package, 'resize = "area"', 'resize = "area"\nwindow = "voi"')
+    edit(package, '\n[hashes]\n', '\n[export]\nfactory = "export.train_cxr_triage:CxrTriageNet"\n'
+                                  'weights = "weights.pt"\nopset = 17\n[hashes]\n')
+    pkg = load_package(package)
+    assert (pkg.min_batch, pkg.opt_batch, pkg.max_batch, pkg.input_layout) == (1, 4, 8, "NHWC")
+    assert pkg.preprocessing.window is None
+    assert pkg.export.factory == "export.train_cxr_triage:CxrTriageNet" and pkg.export.opset == 17
+
+
+def test_an_artefact_changed_after_export_stops_the_package(tmp_path):
+    folder = tmp_path / "cxr-triage"
+    shutil.copytree(BUNDLED_DIR / "cxr-triage", folder)
+    load_package(folder).verify_hashes()  # as shipped
+    with open(folder / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ManifestError, match="model.onnx has sha256:.*the file changed after export"):
+        load_package(folder).verify_hashes()
