@@ -1,0 +1,413 @@
+"""TensorRT engines, the parts that need no GPU: where an engine is kept and what it is keyed by,
+the optimisation profile a manifest asks for, the metadata, and the refusal to load an engine
+built for another TensorRT, GPU, model or batch range.  Building and running one is in
+tests/test_engines_gpu.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+
+from appliance import engines
+from appliance.config import ConfigError, load, parse
+from appliance.engines import (EngineError, EngineMetadata, Platform, ProfileShapes, check_profile_fits, engine_paths,
+                               engine_state, ensure_engine, optimization_profile, read_metadata, read_plan,
+                               stale_reasons)
+from appliance.manifest import BUNDLED_DIR, file_sha256, load_package
+from appliance.runtime import OnnxRuntime
+
+ROOT = Path(__file__).resolve().parents[1]
+PLATFORM = Platform(tensorrt="10.3.0", compute_capability=(8, 6), gpu_name="NVIDIA A10", cuda_driver="12.4")
+
+
+@pytest.fixture(scope="module")
+def cxr():
+    return load_package(BUNDLED_DIR / "cxr-triage")
+
+
+def _fake_engine(package, engines_dir: Path, platform: Platform = PLATFORM, plan: bytes = b"plan bytes",
+                 **changes) -> EngineMetadata:
+    """Plan and metadata on disk as build_engine writes them (the plan's bytes are not a real
+    engine: nothing here deserialises them)."""
+    import hashlib
+
+    paths = engine_paths(engines_dir, platform, package)
+    meta = EngineMetadata(
+        package=package.name, package_version=package.version, model_file=package.model_file,
+        onnx_sha256=file_sha256(package.onnx_path), tensorrt=platform.tensorrt,
+        compute_capability=platform.compute_capability, gpu_name=platform.gpu_name, cuda_driver=platform.cuda_driver,
+        profile=engines.profile_json(optimization_profile(package)), precision=package.precision,
+        workspace_mb=2048, builder={"strongly_typed": True, "network_flags": 2, "optimization_level": 3, "tf32": True},
+        built_at="2026-11-22T02:00:00Z", build_seconds=61.5,
+        plan_sha256="sha256:" + hashlib.sha256(plan).hexdigest(), plan_bytes=len(plan))
+    meta = dataclasses.replace(meta, **changes)
+    engines.write_atomically(paths.plan, plan)
+    engines.write_atomically(paths.metadata, meta.to_json().encode())
+    return meta
+
+
+# ---- key and place ------------------------------------------------------------------------------------
+
+def test_engine_is_kept_under_tensorrt_version_compute_capability_and_package_name(cxr, tmp_path):
+    paths = engine_paths(tmp_path, PLATFORM, cxr)
+    assert paths.plan == tmp_path / "trt-10.3.0" / "sm_86" / "cxr-triage" / "model.plan"
+    assert paths.metadata == tmp_path / "trt-10.3.0" / "sm_86" / "cxr-triage" / "model.json"
+    # One timing cache per TensorRT and GPU kind, shared by every package's builds.
+    assert paths.timing_cache == tmp_path / "trt-10.3.0" / "sm_86" / "timing.cache"
+    key = engines.EngineKey("10.3.0", (8, 6), file_sha256(cxr.onnx_path))
+    assert key.directory(tmp_path) == paths.plan.parent.parent
+
+
+def test_a_different_tensorrt_or_gpu_gets_a_different_place(cxr, tmp_path):
+    places = {engine_paths(tmp_path, p, cxr).plan for p in (
+        PLATFORM, dataclasses.replace(PLATFORM, tensorrt="11.1.0"), dataclasses.replace(PLATFORM, compute_capability=(9, 0)))}
+    assert len(places) == 3
+    assert engines.sm((12, 0)) == "sm_120" and engines.sm((7, 5)) == "sm_75"
+
+
+@pytest.mark.parametrize("text, version", [("10.3.0.26", "10.3.0"), ("11.1.0", "11.1.0"), ("10.13.3.9 ", "10.13.3")])
+def test_tensorrt_version_is_major_minor_patch(text, version):
+    assert engines.tensorrt_version(text) == version
+
+
+def test_a_version_that_is_not_one_is_refused():
+    with pytest.raises(EngineError, match="'dev' is not major.minor.patch"):
+        engines.tensorrt_version("dev")
+
+
+# ---- the optimisation profile -------------------------------------------------------------------------
+
+def test_profile_spans_the_manifests_batch_range_nchw(cxr):
+    pkg = dataclasses.replace(cxr, min_batch=2, opt_batch=4, max_batch=16)
+    assert optimization_profile(pkg) == {"image": ProfileShapes(min=(2, 1, 256, 256), opt=(4, 1, 256, 256),
+                                                                max=(16, 1, 256, 256))}
+
+
+def test_profile_follows_the_input_layout_nhwc(cxr):
+    pkg = dataclasses.replace(cxr, input_layout="NHWC", input_channels=3, input_height=224, input_width=320,
+                              min_batch=1, opt_batch=2, max_batch=8)
+    assert optimization_profile(pkg) == {"image": ProfileShapes(min=(1, 224, 320, 3), opt=(2, 224, 320, 3),
+                                                                max=(8, 224, 320, 3))}
+
+
+def _onnx_inputs(path: Path) -> dict[str, list[int]]:
+    """An ONNX graph's inputs as TensorRT's parsed network reports them: -1 for a dynamic size."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {i.name: [d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim]
+            for i in model.graph.input}
+
+
+def test_the_demo_packages_profile_fits_its_onnx_graph(cxr):
+    check_profile_fits(optimization_profile(cxr), _onnx_inputs(cxr.onnx_path), "cxr-triage")
+
+
+@pytest.mark.parametrize("change, inputs, words", [
+    ({"input_layout": "NHWC"}, None, ["[-1, 1, 256, 256]", "input.channels/height/width/layout"]),
+    ({"input_name": "pixels"}, None, ["['image']", "does not describe"]),
+    ({"input_height": 512}, None, ["[-1, 1, 256, 256]", "[1, 512, 256]"]),
+    ({"max_batch": 8}, {"image": [1, 1, 256, 256]}, ["fixed batch of 1", "1..8", "dynamic batch"]),
+    ({}, {"image": [-1, 256, 256]}, ["3 dimensions", "check input.layout"]),
+])
+def test_a_profile_that_does_not_fit_the_graph_names_the_manifest_key(cxr, change, inputs, words):
+    pkg = dataclasses.replace(cxr, **change)
+    with pytest.raises(EngineError) as e:
+        check_profile_fits(optimization_profile(pkg), inputs or _onnx_inputs(cxr.onnx_path), "cxr-triage")
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_a_fixed_batch_graph_fits_a_manifest_that_asks_for_that_batch_only(cxr):
+    pkg = dataclasses.replace(cxr, min_batch=1, opt_batch=1, max_batch=1)
+    check_profile_fits(optimization_profile(pkg), {"image": [1, 1, 256, 256]}, "cxr-triage")
+
+
+# ---- network definition for TensorRT 10 and 11 -----------------------------------------------------------
+
+def test_tensorrt_10_asks_for_a_strongly_typed_network_by_the_enums_bit():
+    # TensorRT 10's enum: EXPLICIT_BATCH = 0 (deprecated, ignored), STRONGLY_TYPED = 1.
+    assert engines.network_flags(10, SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)) == 0b10
+
+
+def test_tensorrt_11_passes_no_flag_because_every_network_is_strongly_typed():
+    # TensorRT 11 removed EXPLICIT_BATCH, so STRONGLY_TYPED moved to bit 0, and ignores it.
+    assert engines.network_flags(11, SimpleNamespace(STRONGLY_TYPED=0)) == 0
+    assert engines.network_flags(12, SimpleNamespace(STRONGLY_TYPED=0)) == 0
+
+
+class _ParserError:
+    def __init__(self, node, name, op, code, desc):
+        self._v = (node, name, op, code, desc)
+
+    def node(self): return self._v[0]
+    def node_name(self): return self._v[1]
+    def node_operator(self): return self._v[2]
+    def code(self): return self._v[3]
+    def desc(self): return self._v[4]
+
+
+def test_onnx_parse_errors_are_reported_by_node():
+    parser = SimpleNamespace(num_errors=2, get_error=[
+        _ParserError(17, "/features/attn/Einsum", "Einsum", "UNSUPPORTED_NODE", "equation not supported"),
+        _ParserError(-1, "", "", "INVALID_GRAPH", "no outputs")].__getitem__)
+    assert engines.parser_errors(parser) == [
+        "node 17 '/features/attn/Einsum' (Einsum): UNSUPPORTED_NODE: equation not supported",
+        "graph: INVALID_GRAPH: no outputs"]
+
+
+# ---- metadata -----------------------------------------------------------------------------------------
+
+def test_metadata_round_trips_through_its_json_file(cxr, tmp_path):
+    meta = _fake_engine(cxr, tmp_path)
+    paths = engine_paths(tmp_path, PLATFORM, cxr)
+    assert read_metadata(paths.metadata) == meta
+    doc = json.loads(paths.metadata.read_text())
+    # What an operator reads in the file: versions, GPU, hashes, shapes, precision, options.
+    assert doc["tensorrt"] == "10.3.0" and doc["compute_capability"] == "8.6" and doc["sm"] == "sm_86"
+    assert doc["gpu_name"] == "NVIDIA A10" and doc["onnx_sha256"] == cxr.hashes["model.onnx"]
+    assert doc["profile"] == {"image": {"min": [1, 1, 256, 256], "opt": [1, 1, 256, 256], "max": [8, 1, 256, 256]}}
+    assert doc["precision"] == "fp32" and doc["workspace_mb"] == 2048 and doc["builder"]["strongly_typed"] is True
+    assert doc["plan_sha256"].startswith("sha256:") and doc["built_at"] and doc["build_seconds"] == 61.5
+
+
+def test_no_metadata_file_means_no_engine(cxr, tmp_path):
+    assert read_metadata(tmp_path / "model.json") is None
+    _, reasons = engine_state(cxr, tmp_path, PLATFORM)
+    assert reasons == ["no engine has been built"]
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"format": 1}', '{"format": 99, "tensorrt": "10.3.0"}'])
+def test_unreadable_metadata_marks_the_engine_for_rebuild(cxr, tmp_path, text):
+    paths = engine_paths(tmp_path, PLATFORM, cxr)
+    engines.write_atomically(paths.metadata, text.encode())
+    _, reasons = engine_state(cxr, tmp_path, PLATFORM)
+    assert len(reasons) == 1 and str(paths.metadata) in reasons[0]
+
+
+# ---- mismatches: rebuilt, never loaded ----------------------------------------------------------------
+
+def test_a_current_engine_is_accepted(cxr, tmp_path):
+    meta = _fake_engine(cxr, tmp_path)
+    assert stale_reasons(meta, PLATFORM, cxr, file_sha256(cxr.onnx_path)) == []
+    paths, reasons = engine_state(cxr, tmp_path, PLATFORM)
+    assert reasons == []
+    assert read_plan(paths, meta) == b"plan bytes"
+
+
+@pytest.mark.parametrize("platform, package_change, words", [
+    (dataclasses.replace(PLATFORM, tensorrt="10.4.0"), {}, ["TensorRT 10.3.0", "runs 10.4.0"]),
+    (dataclasses.replace(PLATFORM, tensorrt="11.1.0"), {}, ["TensorRT 10.3.0", "runs 11.1.0"]),
+    (dataclasses.replace(PLATFORM, compute_capability=(8, 9), gpu_name="NVIDIA L4"), {},
+     ["sm_86 (NVIDIA A10)", "sm_89 (NVIDIA L4)"]),
+    (PLATFORM, {"max_batch": 16}, ["input shapes", "[16, 1, 256, 256]"]),
+    (PLATFORM, {"precision": "fp16"}, ["precision fp32", "says fp16"]),
+])
+def test_an_engine_for_another_tensorrt_gpu_batch_range_or_precision_is_stale(cxr, platform, package_change, words):
+    meta = EngineMetadata.from_json(_metadata_json(cxr))
+    reasons = stale_reasons(meta, platform, dataclasses.replace(cxr, **package_change), file_sha256(cxr.onnx_path))
+    assert len(reasons) == 1
+    for word in words:
+        assert word in reasons[0]
+
+
+def _metadata_json(cxr) -> str:
+    return json.dumps({
+        "format": 1, "package": cxr.name, "package_version": cxr.version, "model_file": cxr.model_file,
+        "onnx_sha256": file_sha256(cxr.onnx_path), "tensorrt": "10.3.0", "compute_capability": "8.6",
+        "sm": "sm_86", "gpu_name": "NVIDIA A10", "cuda_driver": "12.4",
+        "profile": {"image": {"min": [1, 1, 256, 256], "opt": [1, 1, 256, 256], "max": [8, 1, 256, 256]}},
+        "precision": "fp32", "workspace_mb": 2048, "builder": {}, "built_at": "2026-11-22T02:00:00Z",
+        "build_seconds": 60.0, "plan_sha256": "sha256:" + "0" * 64, "plan_bytes": 10})
+
+
+def test_an_engine_built_from_another_onnx_file_is_stale(cxr, tmp_path):
+    # A retrained model.onnx in the same package: same name, same shapes, different bytes.
+    package_dir = tmp_path / "pkg"
+    package_dir.mkdir()
+    (package_dir / "manifest.toml").write_text((cxr.path / "manifest.toml").read_text().split("\n[hashes]")[0])
+    (package_dir / "model.onnx").write_bytes(cxr.onnx_path.read_bytes())
+    pkg = load_package(package_dir)
+    _fake_engine(pkg, tmp_path / "engines")
+    assert engine_state(pkg, tmp_path / "engines", PLATFORM)[1] == []
+    (package_dir / "model.onnx").write_bytes(cxr.onnx_path.read_bytes() + b"\0")
+    _, reasons = engine_state(pkg, tmp_path / "engines", PLATFORM)
+    assert len(reasons) == 1 and "model.onnx" in reasons[0] and "now has sha256:" in reasons[0]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_plan_that_does_not_hash_to_its_metadata_is_never_loaded(cxr, tmp_path, damage):
+    meta = _fake_engine(cxr, tmp_path, plan=b"x" * 4096)
+    paths = engine_paths(tmp_path, PLATFORM, cxr)
+    if damage == "flip":
+        paths.plan.write_bytes(b"x" * 4095 + b"y")
+    elif damage == "truncate":
+        paths.plan.write_bytes(b"x" * 2048)
+    else:
+        paths.plan.unlink()
+    with pytest.raises(EngineError, match="appliance build-engine") as e:
+        read_plan(paths, meta)
+    assert str(paths.plan) in str(e.value)
+    assert engine_state(cxr, tmp_path, PLATFORM)[1]
+
+
+def test_a_stale_engine_is_refused_when_building_is_not_allowed(cxr, tmp_path):
+    _fake_engine(cxr, tmp_path, tensorrt="10.0.1")
+    with pytest.raises(EngineError) as e:
+        ensure_engine(cxr, tmp_path, PLATFORM, build=False)
+    message = str(e.value)
+    assert "cxr-triage" in message and "TensorRT 10.0.1" in message and "appliance build-engine cxr-triage" in message
+
+
+def test_a_stale_engine_is_rebuilt_when_building_is_allowed(cxr, tmp_path, monkeypatch):
+    _fake_engine(cxr, tmp_path, compute_capability=(7, 5), plan=b"old plan")
+    built = []
+
+    def build(package, engines_dir, platform, options=None):  # stands in for TensorRT's builder
+        built.append((package.name, platform.sm))
+        return _fake_engine(package, engines_dir, platform, plan=b"new plan")
+
+    monkeypatch.setattr(engines, "build_engine", build)
+    paths, meta = ensure_engine(cxr, tmp_path, PLATFORM, build=True)
+    assert built == [("cxr-triage", "sm_86")]
+    assert meta.compute_capability == (8, 6) and read_plan(paths, meta) == b"new plan"
+    # Current now: a second call builds nothing.
+    ensure_engine(cxr, tmp_path, PLATFORM, build=True)
+    assert len(built) == 1
+
+
+# ---- files --------------------------------------------------------------------------------------------
+
+def test_files_are_replaced_whole_and_leave_no_temporary_behind(tmp_path):
+    target = tmp_path / "a" / "model.plan"
+    engines.write_atomically(target, b"one")
+    engines.write_atomically(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert os.listdir(target.parent) == ["model.plan"]
+
+
+# ---- no GPU -------------------------------------------------------------------------------------------
+
+def test_every_missing_piece_is_named_with_its_fix():
+    missing = engines.missing_gpu_pieces(None, [], False, False)
+    assert len(missing) == 4
+    text = "\n".join(missing)
+    for words in ("/dev/nvidia0 does not exist", "libcuda.so.1", "`tensorrt` is not installed",
+                  "`pycuda` is not installed", "appliance[gpu]"):
+        assert words in text
+    assert engines.missing_gpu_pieces("10.3.0.26", ["/dev/nvidia0"], True, True) == []
+
+
+def test_tensorrt_older_than_10_is_named_as_too_old():
+    (problem,) = engines.missing_gpu_pieces("8.6.1.6", ["/dev/nvidia0"], True, True)
+    assert "TensorRT 8.6.1.6 is too old" in problem and "tensorrt>=10" in problem
+
+
+_HOST = engines._host_facts()
+_HOST_HAS_GPU = not engines.missing_gpu_pieces(*_HOST)
+
+
+def _cli(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_CONFIG"}
+    return subprocess.run([sys.executable, "-m", "appliance", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.skipif(_HOST_HAS_GPU, reason="this host has a GPU, TensorRT and pycuda")
+def test_build_engine_without_a_gpu_says_what_is_missing_and_exits_non_zero(tmp_path):
+    # The command line of systemd/appliance-engines.service.
+    done = _cli("build-engine", "--all", "--missing-only", cwd=tmp_path)
+    assert done.returncode == engines.EXIT_NO_GPU, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "TensorRT engines cannot be built or run on this host" in done.stderr
+    for present, words in zip((_HOST[0] is not None, bool(_HOST[1]), _HOST[2], _HOST[3]),
+                              ("no TensorRT", "no NVIDIA GPU", "no CUDA driver", "no pycuda")):
+        assert (words in done.stderr) != present
+    assert "ONNX Runtime" in done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_build_engine_with_nothing_to_build_says_how_to_name_packages(tmp_path):
+    done = _cli("build-engine", cwd=tmp_path)
+    assert done.returncode == 2 and "give --all" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- the GPU thread and the runtime's batch handling ---------------------------------------------------
+
+def test_every_call_runs_on_the_one_gpu_thread_whoever_calls():
+    gpu = engines.GpuThread(setup=lambda: None, name="gpu-test")
+    try:
+        seen = []
+        callers = [threading.Thread(target=lambda: seen.append(gpu.call(threading.get_ident))) for _ in range(8)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join()
+        seen.append(gpu.call(threading.get_ident))
+        assert set(seen) == {gpu.ident} and gpu.ident != threading.get_ident()
+        with pytest.raises(ZeroDivisionError):  # the call's exception reaches the caller
+            gpu.call(lambda: 1 / 0)
+        assert gpu.call(lambda: gpu.call(lambda: 42)) == 42  # a call from the GPU thread runs in place
+    finally:
+        gpu.stop()
+    with pytest.raises(EngineError, match="GPU thread has stopped"):
+        gpu.call(lambda: None)
+
+
+def test_a_gpu_thread_whose_setup_fails_raises_in_the_caller():
+    def setup():
+        raise RuntimeError("cuInit failed: no CUDA-capable device is detected")
+
+    with pytest.raises(RuntimeError, match="no CUDA-capable device"):
+        engines.GpuThread(setup=setup)
+
+
+def test_a_batch_below_the_engines_minimum_is_padded_with_zero_images():
+    batch = np.ones((1, 1, 4, 4), np.float32)
+    padded = engines.pad_batch(batch, 4)
+    assert padded.shape == (4, 1, 4, 4) and padded[0].all() and not padded[1:].any()
+    assert engines.pad_batch(batch, 1) is batch
+
+
+def test_nhwc_models_get_the_kernels_nchw_batch_transposed():
+    batch = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    assert engines.to_model_layout(batch, "NHWC").shape == (2, 4, 5, 3)
+    assert engines.to_model_layout(batch, "NHWC")[1, 2, 3, 0] == batch[1, 0, 2, 3]
+    assert engines.to_model_layout(batch, "NCHW") is batch
+
+
+# ---- which runtime the node uses ----------------------------------------------------------------------
+
+def test_the_default_runtime_is_onnx_runtime(cxr, tmp_path):
+    assert load(None).inference_runtime == "onnxruntime"
+    assert isinstance(engines.select_runtime(cxr, "onnxruntime", tmp_path), OnnxRuntime)
+
+
+def test_auto_falls_back_to_onnx_runtime_with_the_reason_logged(cxr, tmp_path, caplog):
+    # No engine in an empty engines folder, whether or not this host has a GPU.
+    with caplog.at_level("WARNING", logger="appliance.engines"):
+        runtime = engines.select_runtime(cxr, "auto", tmp_path)
+    assert isinstance(runtime, OnnxRuntime)
+    assert any("cxr-triage runs on ONNX Runtime" in r.getMessage() for r in caplog.records)
+
+
+def test_tensorrt_asked_for_but_unavailable_stops_start_up_with_the_reason(cxr, tmp_path):
+    with pytest.raises(EngineError) as e:
+        engines.select_runtime(cxr, "tensorrt", tmp_path)
+    assert 'runtime = "tensorrt"' in str(e.value) and "cxr-triage" in str(e.value)
+
+
+def test_the_runtime_key_takes_only_known_runtimes():
+    assert parse({"inference": {"runtime": "auto"}}).inference_runtime == "auto"
+    with pytest.raises(ConfigError, match="inference.runtime.*'triton'"):
+        parse({"inference": {"runtime": "triton"}})
+    assert parse({"node": {"data_dir": "/var/lib/appliance"}}).engines_dir == Path("/var/lib/appliance/engines")
