@@ -18,6 +18,8 @@ from .tomltable import Table
 
 PRIORITIES = {"stat": 0, "urgent": 1, "routine": 2}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: What runs the models: ONNX Runtime on the CPU, TensorRT engines on the GPU, or TensorRT where it can.
+INFERENCE_RUNTIMES = ("onnxruntime", "tensorrt", "auto")
 ROUTE_ATTRIBUTES = ("Modality", "BodyPartExamined", "SOPClassUID")
 
 #: Storage SOP classes of projection radiographs: CR, DX (for presentation / for processing).
@@ -115,6 +117,7 @@ class Config:
     metrics_port: int = 9109
     model_dirs: tuple[Path, ...] = ()
     inference_threads: int = 0
+    inference_runtime: str = "onnxruntime"
     job_attempts: int = 3
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
@@ -132,6 +135,11 @@ class Config:
     @property
     def model_search_path(self) -> list[Path]:
         return [*self.model_dirs, BUNDLED_DIR]
+
+    @property
+    def engines_dir(self) -> Path:
+        """Where `appliance build-engine` writes TensorRT engines and the node reads them."""
+        return self.data_dir / "engines"
 
 
 #: With no ``[[routes]]``: CR and DX chest radiographs go to the demo package.
@@ -188,6 +196,7 @@ def parse(doc: dict[str, Any], base: Path | None = None) -> Config:
         metrics_port=metrics.port("port", d.metrics_port),
         model_dirs=tuple(_resolve(Path(p), base) for p in models.strings("dirs", [])),
         inference_threads=inference.integer("threads", d.inference_threads, minimum=0),
+        inference_runtime=inference.choice("runtime", INFERENCE_RUNTIMES, d.inference_runtime),
         job_attempts=inference.integer("attempts", d.job_attempts, minimum=1),
         retry_initial_seconds=delivery.number("retry_initial_seconds", d.retry_initial_seconds, minimum=0.01),
         retry_max_seconds=delivery.number("retry_max_seconds", d.retry_max_seconds, minimum=0.01),

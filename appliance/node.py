@@ -52,6 +52,16 @@ def load_packages(cfg: Config) -> dict[str, ModelPackage]:
     return packages
 
 
+def _runtime(pkg: ModelPackage, cfg: Config) -> Runtime:
+    """ONNX Runtime unless ``[inference] runtime`` asks for TensorRT (appliance.engines decides
+    whether it can run, and logs the fallback under "auto")."""
+    if cfg.inference_runtime == "onnxruntime":
+        return OnnxRuntime(pkg, cfg.inference_threads)
+    from .engines import select_runtime
+
+    return select_runtime(pkg, cfg.inference_runtime, cfg.engines_dir, cfg.inference_threads)
+
+
 class Node:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -59,8 +69,7 @@ class Node:
         self.index = Index(self.data_dir / "index.sqlite")
         self.spool = Spool(self.data_dir, self.index)
         self.packages = load_packages(cfg)
-        self.runtimes: dict[str, Runtime] = {
-            name: OnnxRuntime(pkg, cfg.inference_threads) for name, pkg in self.packages.items()}
+        self.runtimes: dict[str, Runtime] = {name: _runtime(pkg, cfg) for name, pkg in self.packages.items()}
         self.pipeline = Pipeline(cfg, self.index, self.spool, self.runtimes)
         self.delivery = Delivery(cfg, self.index, self.pipeline.results_dir)
         commitment = StorageCommitmentSCP(cfg, self.spool) if cfg.commitment.enabled else None
@@ -84,7 +93,10 @@ class Node:
         if recovered:
             log.info("%d job(s) interrupted by the last stop will run again", recovered,
                      extra={"event": "queue.recovered", "jobs": recovered})
-        metrics.BUILD_INFO.info({"version": __version__, "runtime": "onnxruntime", "device": "cpu"})
+        # Under runtime = "auto" some models may run on TensorRT and others on ONNX Runtime.
+        kinds = sorted({getattr(r, "kind", "onnxruntime") for r in self.runtimes.values()}) or ["onnxruntime"]
+        devices = sorted({getattr(r, "device", "cpu") for r in self.runtimes.values()}) or ["cpu"]
+        metrics.BUILD_INFO.info({"version": __version__, "runtime": "+".join(kinds), "device": "+".join(devices)})
         if self.cfg.metrics_enabled:
             self.ops = OpsServer(self.cfg.metrics_bind, self.cfg.metrics_port, self._checks, self.update_gauges)
             self.ops.start()
