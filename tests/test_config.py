@@ -86,3 +86,15 @@ def test_invalid_toml_names_the_file(tmp_path):
     f.write_text("[node\n")
     with pytest.raises(ConfigError, match="bad.toml"):
         load(f)
+
+
+def test_inference_runtime_defaults_to_onnx_runtime_and_takes_only_known_runtimes():
+    assert load(None).inference_runtime == "onnxruntime"
+    assert parse({"inference": {"runtime": "auto"}}).inference_runtime == "auto"
+    assert parse({"inference": {"runtime": "tensorrt"}}).inference_runtime == "tensorrt"
+    with pytest.raises(ConfigError, match="inference.runtime.*'triton'.*onnxruntime"):
+        parse({"inference": {"runtime": "triton"}})
+
+
+def test_engines_are_kept_in_the_data_dir():
+    assert parse({"node": {"data_dir": "/var/lib/appliance"}}).engines_dir == Path("/var/lib/appliance/engines")

@@ -20,7 +20,7 @@ import onnx
 import pytest
 
 from appliance import engines
-from appliance.config import ConfigError, load, parse
+from appliance.config import load
 from appliance.engines import (EngineError, EngineMetadata, Platform, ProfileShapes, check_profile_fits, engine_paths,
                                engine_state, ensure_engine, optimization_profile, read_metadata, read_plan,
                                stale_reasons)
@@ -404,10 +404,3 @@ def test_tensorrt_asked_for_but_unavailable_stops_start_up_with_the_reason(cxr, 
     with pytest.raises(EngineError) as e:
         engines.select_runtime(cxr, "tensorrt", tmp_path)
     assert 'runtime = "tensorrt"' in str(e.value) and "cxr-triage" in str(e.value)
-
-
-def test_the_runtime_key_takes_only_known_runtimes():
-    assert parse({"inference": {"runtime": "auto"}}).inference_runtime == "auto"
-    with pytest.raises(ConfigError, match="inference.runtime.*'triton'"):
-        parse({"inference": {"runtime": "triton"}})
-    assert parse({"node": {"data_dir": "/var/lib/appliance"}}).engines_dir == Path("/var/lib/appliance/engines")
