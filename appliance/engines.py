@@ -635,7 +635,8 @@ def ensure_engine(package: ModelPackage, engines_dir: Path, platform: Platform, 
                      extra={"event": "engine.stale", "model": package.name})
             build_engine(package, engines_dir, platform, options)
         meta = read_metadata(paths.metadata)
-        assert meta is not None
+        if meta is None:  # a build that returned without writing it: never load a plan nothing vouches for
+            raise EngineError(f"{paths.metadata}: missing after the build; run `appliance build-engine {package.name}`")
         return paths, meta
 
 
@@ -655,6 +656,8 @@ class GpuThread:
     def __init__(self, setup: Callable[[], Callable[[], None] | None] | None = None, name: str = "gpu"):
         self._setup = setup if setup is not None else _push_primary_context
         self._calls: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._stopped = False
         self._ready = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -688,16 +691,20 @@ class GpuThread:
         """Run ``fn`` on the GPU thread and return its result (or raise its exception)."""
         if threading.get_ident() == self._thread.ident:
             return fn()
-        if not self._thread.is_alive():
-            raise EngineError("the GPU thread has stopped; restart the node")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.put((fn, future))
+        with self._lock:  # nothing is queued behind the stop marker, where it would wait for ever
+            if self._stopped or not self._thread.is_alive():
+                raise EngineError("the GPU thread has stopped; restart the node")
+            self._calls.put((fn, future))
         return future.result()
 
     def stop(self) -> None:
-        if self._thread.is_alive():
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
             self._calls.put(None)
-            self._thread.join()
+        self._thread.join()
 
 
 def _push_primary_context() -> Callable[[], None]:
@@ -855,6 +862,7 @@ def select_runtime(package: ModelPackage, wanted: str, engines_dir: Path, thread
     current engine, else ONNX Runtime, logged with the reason.  The node never builds an engine
     (that takes minutes; ``appliance-engines.service`` does it before the node starts).
     """
+    from .config import ConfigError
     from .runtime import OnnxRuntime
 
     if wanted not in RUNTIMES:
@@ -864,8 +872,9 @@ def select_runtime(package: ModelPackage, wanted: str, engines_dir: Path, thread
     try:
         runtime = TensorRTRuntime(package, engines_dir)
     except Exception as e:  # auto: whatever keeps TensorRT from running, ONNX Runtime serves
-        if wanted == "tensorrt":
-            raise EngineError(f"[inference] runtime = \"tensorrt\" but {package.name} cannot run on TensorRT: {e}") from e
+        if wanted == "tensorrt":  # a setting the node cannot honour: start-up stops, as for any bad key
+            raise ConfigError(f"[inference] runtime = \"tensorrt\" but {package.name} cannot run on TensorRT: {e}; "
+                              "build its engine, or set runtime = \"auto\" or \"onnxruntime\"") from e
         log.warning("%s runs on ONNX Runtime (CPU): %s", package.name, e,
                     extra={"event": "runtime.fallback", "model": package.name})
         return OnnxRuntime(package, threads)

@@ -20,7 +20,7 @@ import onnx
 import pytest
 
 from appliance import engines
-from appliance.config import load
+from appliance.config import ConfigError, load
 from appliance.engines import (EngineError, EngineMetadata, Platform, ProfileShapes, check_profile_fits, engine_paths,
                                engine_state, ensure_engine, optimization_profile, read_metadata, read_plan,
                                stale_reasons)
@@ -401,6 +401,6 @@ def test_auto_falls_back_to_onnx_runtime_with_the_reason_logged(cxr, tmp_path, c
 
 
 def test_tensorrt_asked_for_but_unavailable_stops_start_up_with_the_reason(cxr, tmp_path):
-    with pytest.raises(EngineError) as e:
+    with pytest.raises(ConfigError) as e:  # `appliance serve` prints it and exits 2, no traceback
         engines.select_runtime(cxr, "tensorrt", tmp_path)
     assert 'runtime = "tensorrt"' in str(e.value) and "cxr-triage" in str(e.value)
