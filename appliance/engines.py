@@ -563,7 +563,7 @@ def build_engine(package: ModelPackage, engines_dir: Path, platform: Platform,
                           f"--workspace-mb (now {options.workspace_mb}) helps when tactics ran out of memory")
     data = bytes(memoryview(plan))
     seconds = time.monotonic() - started
-    _save_timing_cache(config.get_timing_cache() or cache, paths.timing_cache)
+    _save_timing_cache(config, config.get_timing_cache() or cache, paths.timing_cache)
     meta = EngineMetadata(
         package=package.name, package_version=package.version, model_file=package.model_file,
         onnx_sha256=onnx_sha256, tensorrt=platform.tensorrt, compute_capability=platform.compute_capability,
@@ -590,18 +590,30 @@ def _load_timing_cache(config, path: Path):
     data = b""
     with contextlib.suppress(FileNotFoundError):
         data = path.read_bytes()
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception as e:  # a damaged file costs only the time it would have saved
+        log.warning("timing cache %s cannot be read (%s); starting an empty one", path, e)
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         log.warning("timing cache %s was made on another GPU or TensorRT; starting an empty one", path)
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
     return cache
 
 
-def _save_timing_cache(cache, path: Path) -> None:
+def _save_timing_cache(config, cache, path: Path) -> None:
+    """Save the build's timing cache, merged with what other builds saved meanwhile (packages
+    build one after another here, but an operator's command may run beside the boot-time unit)."""
     if cache is None:
         return
-    write_atomically(path, bytes(memoryview(cache.serialize())))
+    with build_lock(path.with_name(f".{path.name}.lock")):
+        with contextlib.suppress(Exception):  # none saved, or damaged: this build's cache replaces it
+            saved = config.create_timing_cache(path.read_bytes())
+            # ITimingCache.combine (TensorRT 10 and 11); ignore_mismatch=False skips a foreign cache.
+            if not cache.combine(saved, False):
+                log.info("timing cache %s was not merged (made on another GPU or TensorRT); replacing it", path)
+        write_atomically(path, bytes(memoryview(cache.serialize())))
 
 
 def engine_state(package: ModelPackage, engines_dir: Path, platform: Platform) -> tuple[EnginePaths, list[str]]:

@@ -404,3 +404,160 @@ def test_tensorrt_asked_for_but_unavailable_stops_start_up_with_the_reason(cxr, 
     with pytest.raises(ConfigError) as e:  # `appliance serve` prints it and exits 2, no traceback
         engines.select_runtime(cxr, "tensorrt", tmp_path)
     assert 'runtime = "tensorrt"' in str(e.value) and "cxr-triage" in str(e.value)
+
+
+# ---- the build, against a stand-in for the tensorrt module ---------------------------------------------
+# Only to check what build_engine asks of TensorRT and what it writes; the real builder runs in
+# tests/test_engines_gpu.py.
+
+class _FakeTensorRT:
+    """Records the builder calls build_engine makes; the API names are TensorRT 10/11's."""
+
+    class ILogger:
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self):
+            pass
+
+    class MemoryPoolType:
+        WORKSPACE = "WORKSPACE"
+
+    class BuilderFlag:
+        TF32 = "TF32"
+
+    def __init__(self, version: str, strongly_typed_bit: int, parse_ok: bool = True, saved_cache: bytes = b""):
+        self.__version__ = version
+        self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=strongly_typed_bit)
+        self.calls: list[tuple] = []
+        self.parse_ok = parse_ok
+        fake = self
+
+        class Cache:
+            def __init__(self, data: bytes):
+                self.data = bytes(data)
+
+            def combine(self, other, ignore_mismatch):
+                fake.calls.append(("combine", other.data, ignore_mismatch))
+                return True
+
+            def serialize(self):
+                return self.data + b"+timings"
+
+        class Config:
+            builder_optimization_level = 3
+            cache = None
+
+            def set_memory_pool_limit(self, pool, size): fake.calls.append(("pool", pool, size))
+            def set_flag(self, flag): fake.calls.append(("set_flag", flag))
+            def clear_flag(self, flag): fake.calls.append(("clear_flag", flag))
+            def add_optimization_profile(self, p): fake.calls.append(("profile", p.shapes))
+            def create_timing_cache(self, data): return Cache(data)
+            def get_timing_cache(self): return self.cache
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                fake.calls.append(("set_timing_cache", cache.data, ignore_mismatch))
+                self.cache = cache
+                return True
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, mn, opt, mx): self.shapes[name] = (tuple(mn), tuple(opt), tuple(mx))
+
+        class Network:
+            num_inputs = 1
+
+            def get_input(self, i): return SimpleNamespace(name="image", shape=(-1, 1, 256, 256))
+
+        class Builder:
+            def __init__(self, logger): pass
+            def create_network(self, flags): fake.calls.append(("create_network", flags)); return Network()
+            def create_builder_config(self): return Config()
+            def create_optimization_profile(self): return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("build", config.builder_optimization_level))
+                return b"serialised plan"
+
+        class Parser:
+            num_errors = 0 if parse_ok else 1
+
+            def __init__(self, network, logger): pass
+
+            def parse(self, data, path):
+                fake.calls.append(("parse", len(data), path))
+                return fake.parse_ok
+
+            def get_error(self, i):
+                return _ParserError(4, "/stem/conv", "Conv", "UNSUPPORTED_NODE", "3-D kernel not supported")
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+    def called(self, name):
+        return [c[1:] for c in self.calls if c[0] == name]
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    def install(*args, **kwargs):
+        fake = _FakeTensorRT(*args, **kwargs)
+        monkeypatch.setitem(sys.modules, "tensorrt", fake)
+        monkeypatch.setattr(engines, "_trt_logger_instance", None)
+        return fake
+    return install
+
+
+def test_build_makes_a_strongly_typed_network_with_the_profile_workspace_and_no_precision_flags(cxr, tmp_path, fake_trt):
+    trt = fake_trt("10.3.0.26", strongly_typed_bit=1)
+    meta = engines.build_engine(cxr, tmp_path, PLATFORM, engines.BuildOptions(workspace_mb=512))
+    assert trt.called("create_network") == [(0b10,)]
+    assert trt.called("parse") == [(cxr.onnx_path.stat().st_size, str(cxr.onnx_path))]
+    assert trt.called("profile") == [({"image": ((1, 1, 256, 256), (1, 1, 256, 256), (8, 1, 256, 256))},)]
+    assert trt.called("pool") == [("WORKSPACE", 512 << 20)]
+    # Precision is the ONNX graph's: no FP16/INT8 builder flags (TensorRT 11 removed them).
+    assert trt.called("set_flag") == [] and trt.called("clear_flag") == []
+    assert trt.called("build") == [(3,)]
+    paths = engine_paths(tmp_path, PLATFORM, cxr)
+    assert paths.plan.read_bytes() == b"serialised plan"
+    assert read_metadata(paths.metadata) == meta
+    assert meta.onnx_sha256 == cxr.hashes["model.onnx"] and meta.workspace_mb == 512
+    assert meta.builder["network_flags"] == 0b10 and meta.builder["strongly_typed"] is True
+    assert engine_state(cxr, tmp_path, PLATFORM)[1] == []
+
+
+def test_build_on_tensorrt_11_passes_no_network_flags(cxr, tmp_path, fake_trt):
+    trt = fake_trt("11.1.0", strongly_typed_bit=0)
+    platform = dataclasses.replace(PLATFORM, tensorrt="11.1.0")
+    meta = engines.build_engine(cxr, tmp_path, platform)
+    assert trt.called("create_network") == [(0,)] and meta.builder["network_flags"] == 0
+
+
+def test_the_timing_cache_is_loaded_before_a_build_and_saved_after_it(cxr, tmp_path, fake_trt):
+    trt = fake_trt("10.3.0", strongly_typed_bit=1)
+    engines.build_engine(cxr, tmp_path, PLATFORM)
+    cache_file = engine_paths(tmp_path, PLATFORM, cxr).timing_cache
+    assert trt.called("set_timing_cache") == [(b"", False)]  # none yet: an empty one
+    assert cache_file.read_bytes() == b"+timings"
+    trt = fake_trt("10.3.0", strongly_typed_bit=1)
+    engines.build_engine(cxr, tmp_path, PLATFORM, engines.BuildOptions(tf32=False))
+    assert trt.called("set_timing_cache") == [(b"+timings", False)]  # the saved one, refused if foreign
+    assert trt.called("clear_flag") == [("TF32",)]
+    assert cache_file.read_bytes() == b"+timings+timings"
+
+
+def test_an_onnx_graph_tensorrt_cannot_parse_is_reported_by_node_and_nothing_is_written(cxr, tmp_path, fake_trt):
+    fake_trt("10.3.0", strongly_typed_bit=1, parse_ok=False)
+    with pytest.raises(EngineError) as e:
+        engines.build_engine(cxr, tmp_path, PLATFORM)
+    assert "node 4 '/stem/conv' (Conv): UNSUPPORTED_NODE: 3-D kernel not supported" in str(e.value)
+    assert "ONNX Runtime" in str(e.value)
+    assert not engine_paths(tmp_path, PLATFORM, cxr).plan.exists()
+
+
+def test_no_engine_is_built_from_an_onnx_file_that_differs_from_the_manifest(cxr, tmp_path, fake_trt):
+    trt = fake_trt("10.3.0", strongly_typed_bit=1)
+    pkg = dataclasses.replace(cxr, hashes={**cxr.hashes, "model.onnx": "sha256:" + "1" * 64})
+    with pytest.raises(Exception, match="no engine is built from a changed model"):
+        engines.build_engine(pkg, tmp_path, PLATFORM)
+    assert trt.calls == []
