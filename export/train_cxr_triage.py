@@ -47,6 +47,7 @@ from appliance.manifest import BUNDLED_DIR, ModelPackage, load_package
 from appliance.manifest import Window
 from appliance.preprocessing import prepare_instance, preprocess_pixels, resize
 from appliance.uids import derived_uid
+from export.evaluate import auc_roc
 from export.phantoms import NODULE_BIT, PNEUMOTHORAX_BIT, make_phantom, write_dicom
 
 PACKAGE_DIR = BUNDLED_DIR / "cxr-triage"
@@ -304,27 +305,6 @@ def predict(onnx_path: Path, x: np.ndarray, batch: int = 8) -> tuple[np.ndarray,
         logits.append(out[0])
         cams.append(out[1])
     return 1.0 / (1.0 + np.exp(-np.concatenate(logits).astype(np.float64))), np.concatenate(cams)
-
-
-def auc_roc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve: the probability that a positive outranks a negative, ties half
-    (the Mann-Whitney U statistic over the product of the class sizes)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):     # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 @dataclass(frozen=True)
