@@ -222,11 +222,12 @@ def check_profile_fits(profile: dict[str, ProfileShapes], network_inputs: dict[s
 def network_flags(tensorrt_major: int, creation_flags: Any) -> int:
     """The ``create_network`` flags of a strongly typed network.
 
-    TensorRT 10: opt in with ``1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (10.x numbers it
-    1, after the deprecated EXPLICIT_BATCH).  TensorRT 11: every network is strongly typed,
-    EXPLICIT_BATCH is gone (STRONGLY_TYPED became 0) and the flag is "retained for API
-    compatibility but ignored", so nothing is passed.  The bit is read from the enum, never
-    hard-coded, because its position moved between the two.
+    TensorRT 10: opt in with ``1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (NvInfer.h 10.x:
+    kEXPLICIT_BATCH = 0, deprecated and ignored; kSTRONGLY_TYPED = 1).  TensorRT 11: every network
+    is strongly typed; EXPLICIT_BATCH is gone, kSTRONGLY_TYPED = 0 is "retained for API
+    compatibility but ignored", and bit 1 is now kPREFER_JIT_PYTHON_PLUGINS, so a hard-coded
+    ``1 << 1`` would ask 11 for something else entirely.  Nothing is passed there, and on 10 the
+    bit is read from the enum.
     """
     if tensorrt_major >= 11:
         return 0
