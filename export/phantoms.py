@@ -681,6 +681,37 @@ def write_dicom(phantom: Phantom, path: str | Path | None = None, *, modality: s
     return ds
 
 
+#: Findings of a labelled set, cycled over the phantom index: half without a finding, 30 % with
+#: each (a fifth of those with both), as the demo model was trained and evaluated.
+LABELLED_CYCLE: tuple[str | None, ...] = (None, "nodule", None, "pneumothorax", None, "nodule+pneumothorax",
+                                          "nodule", None, "pneumothorax", None)
+
+
+def write_labelled_set(folder: str | Path, count: int, size: int = 1024, seed: int = 0) -> Path:
+    """``count`` phantoms as DICOM files in ``folder`` and ``folder``/labels.csv naming each by
+    ``path`` with its ``nodule`` and ``pneumothorax`` labels (1/0), the form ``appliance evaluate``
+    and ``appliance quantize`` read.  Phantom ``i`` has seed ``seed + i``; one in seven is stored
+    MONOCHROME1 (seven is prime to the finding cycle's ten, so every finding gets its share).
+    Returns the labels file."""
+    import csv
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        phantom = make_phantom(seed + i, size=size, finding=LABELLED_CYCLE[i % len(LABELLED_CYCLE)],
+                               monochrome1=i % 7 == 3)
+        name = f"phantom-{i:05d}.dcm"
+        write_dicom(phantom, folder / name)
+        rows.append([name, *(int(label) for label in phantom.labels)])
+    labels = folder / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "nodule", "pneumothorax"])
+        writer.writerows(rows)
+    return labels
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
