@@ -289,12 +289,12 @@ def plot_calibration(path: Path, output: dict, probabilities: np.ndarray, pkg: M
     top.set_ylim(-0.02, 1.02)
     top.set_ylabel("observed frequency of the finding")
     top.set_title(f"{pkg.name} {pkg.version}: {output['name']} calibration", fontsize=10)
-    top.legend(loc="upper left", fontsize=8)
+    top.legend(loc="lower right", fontsize=8)
     edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
     bottom.hist(probabilities, bins=edges, color="C0", alpha=0.7)
     bottom.set_xlabel("predicted probability")
     bottom.set_ylabel("studies")
-    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
     fig.savefig(path, format="png")
 
 
@@ -331,7 +331,17 @@ def _mask_columns(csv_path: Path, studies: list[LabelledStudy], pkg: ModelPackag
                                   f"mask_{zero[0]}")
             label_map = _mask_path(csv_path, study, "mask", base)
         result.append(ReferenceMasks(label_map, per_output))
+        for column, path in [("mask", label_map), *((f"mask_{k}", v) for k, v in per_output.items())]:
+            if path is not None:
+                _load_mask(csv_path, study, column, path)  # a broken mask fails before any inference
     return result
+
+
+def _load_mask(csv_path: Path, study: LabelledStudy, column: str, path: Path) -> np.ndarray:
+    try:
+        return read_mask(path)
+    except (ValueError, OSError) as e:
+        raise LabelsError(f"{csv_path}, line {study.row}, column {column}: {path.name} {e}") from None
 
 
 def _mask_path(csv_path: Path, study: LabelledStudy, column: str, base: Path) -> Path:
@@ -345,7 +355,8 @@ def _mask_path(csv_path: Path, study: LabelledStudy, column: str, base: Path) ->
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """An integer mask from ``.npy``, ``.npz`` (array ``mask``, or its only array) or ``.png``."""
+    """An integer mask from ``.npy``, ``.npz`` (array ``mask``, or its only array) or ``.png``.
+    A ``.npy`` is memory-mapped: checking every mask before inference reads only its header."""
     suffix = path.suffix.lower()
     if suffix == ".png":
         from PIL import Image
@@ -359,7 +370,7 @@ def read_mask(path: Path) -> np.ndarray:
                 raise ValueError(f"holds {names}; name the array 'mask' or keep only one")
             mask = archive["mask" if "mask" in names else names[0]]
     else:
-        mask = np.load(path, allow_pickle=False)
+        mask = np.load(path, mmap_mode="r", allow_pickle=False)
     if mask.dtype.kind not in "iub" or mask.ndim not in (2, 3):
         raise ValueError(f"is a {mask.ndim}-D {mask.dtype} array; expected a 2-D or 3-D integer label map")
     return mask
@@ -446,10 +457,7 @@ def segmentation_study(pkg: ModelPackage, prediction: StudyPrediction, masks: Re
         path = masks.per_output.get(output.name, masks.label_map)
         column = f"mask_{output.name}" if output.name in masks.per_output else "mask"
         if path not in files:
-            try:
-                files[path] = read_mask(path)
-            except (ValueError, OSError) as e:
-                raise LabelsError(f"{csv_path}, line {prediction.study.row}, column {column}: {path.name} {e}") from None
+            files[path] = _load_mask(csv_path, prediction.study, column, path)
         data = files[path]
         stack = data[None] if data.ndim == 2 else data
         expected = [(int(sources[i].Rows), int(sources[i].Columns)) for i in order]
@@ -473,14 +481,12 @@ def segmentation_study(pkg: ModelPackage, prediction: StudyPrediction, masks: Re
     for output in pkg.outputs:
         ref = reference(output)
         pred = [predicted[output.name][i] for i in order]
-        overlap = int(sum(int(np.sum(p & r)) for p, r in zip(pred, ref)))
         ref_pixels = [int(r.sum()) for r in ref]
         pred_pixels = [int(p.sum()) for p in pred]
-        total = sum(ref_pixels) + sum(pred_pixels)
         ref_size = sum(ref_pixels) if unit is None else sum(n * s for n, s in zip(ref_pixels, scale))
         pred_size = sum(pred_pixels) if unit is None else sum(n * s for n, s in zip(pred_pixels, scale))
         result[output.name] = {
-            "dice": 2.0 * overlap / total if total else None,
+            "dice": dice(np.concatenate([p.ravel() for p in pred]), np.concatenate([r.ravel() for r in ref])),
             "reference_pixels": sum(ref_pixels), "predicted_pixels": sum(pred_pixels),
             "unit": unit or "pixels",
             "reference_size": float(ref_size), "predicted_size": float(pred_size),
@@ -516,8 +522,8 @@ def segmentation_metrics(pkg: ModelPackage, per_study: list[dict[str, dict]]) ->
             "empty_in_both": sum(r["dice"] is None for r in rows),
             "empty_reference_marked_by_model": sum(r["reference_pixels"] == 0 < r["predicted_pixels"] for r in rows),
             "relative_volume_error": _summary([r["relative_error"] for r in rows]),
-            "absolute_volume_error": dict(_summary([r["absolute_error"] for r in rows] if unit else []),
-                                          unit=unit if unit != "pixels" else None),
+            # In mL, mm^2 or pixels; not summarised when studies differ in unit (volumes and areas).
+            "absolute_volume_error": dict(_summary([r["absolute_error"] for r in rows] if unit else []), unit=unit),
             "bootstrap": {"method": "percentile bootstrap of the mean over studies", "resamples": BOOTSTRAP_RESAMPLES,
                           "seed": BOOTSTRAP_SEED},
         })
@@ -594,7 +600,11 @@ def _run(args) -> int:
         masks = None
     else:
         masks = _mask_columns(args.labels, studies, pkg)
-    predictions = predict(make_runtime(pkg), studies, keep_outputs=pkg.task == "segmentation")
+    try:
+        runtime = make_runtime(pkg)
+    except ValueError as e:  # model.onnx lacks the input or an output tensor the manifest names
+        raise ManifestError(str(e)) from None
+    predictions = predict(runtime, studies, keep_outputs=pkg.task == "segmentation")
 
     excluded = Counter()
     evaluated = []
@@ -716,7 +726,7 @@ def summary(report: dict, out: Path | None) -> str:
                          + f" over {o['dice']['n']} studies ({o['empty_in_both']} empty in both)")
             lines.append(f"  relative volume error mean {_fmt(o['relative_volume_error'])}")
             if unit:
-                lines.append(f"  absolute volume error mean {_fmt(o['absolute_volume_error'], 1)} {unit}")
+                lines.append(f"  absolute volume error mean {_fmt(o['absolute_volume_error'], 4)} {unit}")
     if out:
         lines += ["", f"written to {out}: {', '.join(report.get('files', []))}"]
     return "\n".join(lines)

@@ -452,3 +452,28 @@ def test_a_mask_of_the_wrong_shape_is_refused_naming_line_and_file(segmentation_
     err = capsys.readouterr().err
     assert code == 2
     assert "line 2, column mask" in err and "small.npy" in err and f"{ROWS}x{COLUMNS}" in err
+
+
+def test_a_single_image_study_with_a_png_label_map_reports_area_in_mm2(segmentation_set, tmp_path, capsys):
+    from PIL import Image
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(8)
+    bright = _disk(rng, ROWS, COLUMNS, 8, 14)
+    image = np.clip(np.rint(2000 + 1500 * bright + rng.normal(0, 250, (ROWS, COLUMNS))), 0, 4095)
+    (tmp_path / "studies").mkdir()
+    _ct_slice(image, tmp_path / "studies" / "one.dcm", generate_uid(), generate_uid(), 1)
+    Image.fromarray(bright.astype(np.uint8)).save(tmp_path / "one.png")
+    labels = _write_labels(tmp_path / "labels.csv", ["path", "mask", "mask_dark"],
+                           [["one.dcm", "one.png", "one.png"]])
+    code = main(["evaluate", str(segmentation_set["package"]), "--studies", str(tmp_path / "studies"),
+                 "--labels", str(labels), "--out", str(tmp_path / "out")])
+    assert code == 0
+    row = _read_csv(tmp_path / "out" / "predictions.csv")[0]
+    predicted = _expected_masks(image[None])["bright"][0]
+    assert float(row["bright_dice"]) == pytest.approx(_dice(predicted, bright), abs=2e-3)
+    assert row["bright_unit"] == "mm2"
+    assert float(row["bright_reference_size"]) == pytest.approx(bright.sum() * SPACING_MM ** 2, rel=1e-5)
+    # mask_dark is a binary mask: the bright disk, which the dark output does not find.
+    assert float(row["dark_dice"]) == 0.0
+    assert "bright (threshold 0.5): Dice mean" in capsys.readouterr().out
