@@ -371,7 +371,7 @@ def segmentation_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("seg")
     package = _segmentation_package(root / "tiny-seg")
     rng = np.random.default_rng(5)
-    rows, expected = [], []
+    rows, expected, uids = [], [], []
     for s in range(6):
         folder = root / "studies" / f"case{s}"
         folder.mkdir(parents=True)
@@ -394,8 +394,9 @@ def segmentation_set(tmp_path_factory):
             np.save(root / mask, label_map)
         rows.append([f"case{s}", mask])
         expected.append((_expected_masks(volume), label_map))
+        uids.append(study)
     labels = _write_labels(root / "labels.csv", ["path", "mask"], rows)
-    return {"root": root, "package": package, "labels": labels, "expected": expected}
+    return {"root": root, "package": package, "labels": labels, "expected": expected, "uids": uids}
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -477,3 +478,18 @@ def test_a_single_image_study_with_a_png_label_map_reports_area_in_mm2(segmentat
     # mask_dark is a binary mask: the bright disk, which the dark output does not find.
     assert float(row["dark_dice"]) == 0.0
     assert "bright (threshold 0.5): Dice mean" in capsys.readouterr().out
+
+
+def test_a_package_named_on_the_search_path_and_studies_keyed_by_study_uid(segmentation_set, tmp_path):
+    s = segmentation_set
+    config = tmp_path / "appliance.toml"
+    config.write_text(f"[models]\ndirs = [{json.dumps(str(s['root']))}]\n")
+    labels = _write_labels(tmp_path / "labels.csv", ["study_instance_uid", "mask"],
+                           [[uid, str(s["root"] / "masks" / f"case{k}.npy")] for k, uid in enumerate(s["uids"][:2])])
+    code = main(["evaluate", "tiny-seg", "--config", str(config), "--studies", str(s["root"] / "studies"),
+                 "--labels", str(labels), "--out", str(tmp_path / "out")])
+    assert code == 0
+    rows = _read_csv(tmp_path / "out" / "predictions.csv")
+    assert [r["study_instance_uid"] for r in rows] == s["uids"][:2]
+    for row, (predicted, label_map) in zip(rows, s["expected"]):
+        assert float(row["bright_dice"]) == pytest.approx(_dice(predicted["bright"], label_map == 1), abs=2e-3)
