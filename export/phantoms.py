@@ -682,7 +682,7 @@ def write_dicom(phantom: Phantom, path: str | Path | None = None, *, modality: s
 
 
 #: Findings of a labelled set, cycled over the phantom index: half without a finding, 30 % with
-#: each (a fifth of those with both), as the demo model was trained and evaluated.
+#: each (a third of those with the other finding too), as the demo model was trained and evaluated.
 LABELLED_CYCLE: tuple[str | None, ...] = (None, "nodule", None, "pneumothorax", None, "nodule+pneumothorax",
                                           "nodule", None, "pneumothorax", None)
 
