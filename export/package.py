@@ -8,12 +8,15 @@ so a step never leaves a manifest the node would refuse.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
+import tempfile
+import tomllib
 from pathlib import Path
 
-from appliance.manifest import ModelPackage, file_sha256, load_package
+from appliance.manifest import ManifestError, ModelPackage, file_sha256, load_package
 from appliance.uids import derived_uid
 
 
@@ -61,6 +64,19 @@ def set_keys(text: str, table: str, values: dict[str, object], comments: dict[st
     return text[:start] + body + text[end:]
 
 
+def delete_keys(text: str, table: str, keys: list[str]) -> str:
+    """Remove the ``key = value`` lines of ``keys`` from ``[table]`` (a key that is not there is
+    no error): a source that changes kind (factory to program) must not leave the old one behind."""
+    span = _table_span(text, table)
+    if span is None:
+        return text
+    start, end = span
+    body = text[start:end]
+    for key in keys:
+        body = re.sub(rf'(?m)^{re.escape(key)}[ \t]*=.*(\n|$)', "", body, count=1)
+    return text[:start] + body + text[end:]
+
+
 def set_hashes(text: str, hashes: dict[str, str], written_by: str) -> str:
     """Replace (or add) the ``[hashes]`` table with ``hashes`` (name -> ``sha256:...``)."""
     table = f"[hashes]\n# SHA-256 of each artefact, written by {written_by}.\n" + "".join(
@@ -101,6 +117,29 @@ def record(package_dir: Path, written_by: str, model: dict[str, object] | None =
     pkg = load_package(package_dir)
     pkg.verify_hashes()
     return pkg
+
+
+def load_manifest(package_dir: Path) -> ModelPackage:
+    """The package as :func:`load_package` reads it, also before a first export (or a training
+    run) has written its model file."""
+    package_dir = Path(package_dir)
+    manifest = package_dir / "manifest.toml"
+    if not manifest.is_file():
+        raise ManifestError(f"{package_dir}: no manifest.toml; a model package is a folder with a manifest "
+                            "(copy appliance/model_packages/cxr-triage/manifest.toml and edit it)")
+    try:
+        model = tomllib.loads(manifest.read_text()).get("model")
+        model_file = model.get("file", "model.onnx") if isinstance(model, dict) else None
+    except tomllib.TOMLDecodeError:
+        model_file = None
+    # A manifest that does not parse, or names an odd file, gets load_package's own error.
+    if not isinstance(model_file, str) or "/" in model_file or (package_dir / model_file).exists():
+        return load_package(package_dir)
+    # A first export: load a copy beside a placeholder, which still raises every other problem.
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(manifest, tmp)
+        (Path(tmp) / model_file).touch()
+        return dataclasses.replace(load_package(tmp), path=package_dir)
 
 
 def copy_package(source: Path, target: Path, artefacts: list[str] | None = None) -> None:

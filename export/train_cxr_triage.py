@@ -18,24 +18,21 @@ the image-level label alone did not within this budget.  It is not exported.
 Everything is deterministic: fixed seeds, deterministic torch algorithms, a fixed thread count;
 two runs with the same arguments write byte-identical ``weights.pt``.
 
-After training: ONNX export (opset 17, dynamic batch), ``onnx.checker`` with ``full_check``,
-ONNX Runtime against torch at batch 1, 2 and 8 (fails above 1e-4), then ``weights.pt``,
-``model.onnx``, the manifest with a new ``device_uid`` and ``[hashes]``, and ``MODEL_CARD.md``
-with the held-out metrics.
+After training, ``weights.pt`` is written and the package is exported by the toolchain
+(:func:`export.onnx_export.export_package`, i.e. ``appliance export`` with the manifest's
+``[export]`` table: this class as the factory, opset 17), which checks ONNX Runtime against torch
+and writes ``model.onnx``, a new ``device_uid`` and ``[hashes]``; then ``MODEL_CARD.md`` with the
+held-out metrics.  ``appliance export appliance/model_packages/cxr-triage`` re-exports the
+shipped weights without training.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
-import re
-import shutil
 import sys
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,18 +40,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from appliance.manifest import BUNDLED_DIR, ModelPackage, load_package
+from appliance.manifest import BUNDLED_DIR, ModelPackage
 from appliance.manifest import Window
 from appliance.preprocessing import prepare_instance, preprocess_pixels, resize
-from appliance.uids import derived_uid
 from export.evaluate import auc_roc
+from export.onnx_export import ExportResult, export_package
+from export.package import copy_package, load_manifest
 from export.phantoms import NODULE_BIT, PNEUMOTHORAX_BIT, make_phantom, write_dicom
 
 PACKAGE_DIR = BUNDLED_DIR / "cxr-triage"
 FINDING_NAMES = ("nodule", "pneumothorax")   # output index 0 and 1
-OPSET = 17
 THREADS = 2
-PARITY_TOLERANCE = 1e-4
 CAM_GRID = 16           # the class activation map is 16 x 16 cells of 16 x 16 input pixels
 
 #: Findings cycle in this order over the phantom index: half normal, 30 % with each finding.
@@ -117,6 +113,9 @@ class CxrTriageNet(nn.Module):
         )
         self.head = nn.Conv2d(width, outputs, kernel_size=1)
         self.locator = nn.Conv2d(width, outputs, kernel_size=1)
+        # The class is the package's export factory, which must give a model ready for inference
+        # (batch norm on its running statistics); train() switches to training mode itself.
+        self.eval()
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cam = self.head(self.features(image))
@@ -143,12 +142,7 @@ def monochrome1_for(index: int) -> bool:
 
 def preprocessing_package(package_dir: Path = PACKAGE_DIR) -> ModelPackage:
     """The package's manifest, loaded for its preprocessing even before a model.onnx exists."""
-    if (package_dir / "manifest.toml").is_file() and (package_dir / "model.onnx").is_file():
-        return load_package(package_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(package_dir / "manifest.toml", tmp)
-        (Path(tmp) / "model.onnx").touch()
-        return load_package(tmp)
+    return load_manifest(package_dir)
 
 
 _worker_package: ModelPackage | None = None
@@ -256,44 +250,12 @@ def train(x: np.ndarray, y: np.ndarray, cells: np.ndarray, config: TrainConfig, 
     return model.eval()
 
 
-def export_onnx(model: CxrTriageNet, path: Path) -> None:
-    import onnx
-    model.eval()
-    example = torch.zeros(1, 1, 256, 256)
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter is deprecated in favour of the torch.export one, which
-        # needs onnxscript; the former is enough for a plain CNN and adds no dependency.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits", "cam"],
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True,
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "cam": {0: "batch"}})
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-
-
 def _session(path: Path):
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def check_parity(model: CxrTriageNet, onnx_path: Path, x: np.ndarray, log=print) -> float:
-    """Largest |ONNX Runtime - torch| over logits and cam at batch 1, 2 and 8; fail above the tolerance."""
-    session = _session(onnx_path)
-    worst = 0.0
-    for batch in (1, 2, 8):
-        inputs = np.resize(x[:batch].astype(np.float32), (batch,) + x.shape[1:])
-        with torch.no_grad():
-            logits, cam = (t.numpy() for t in model(torch.from_numpy(inputs)))
-        ort_logits, ort_cam = session.run(["logits", "cam"], {"image": inputs})
-        diff = max(float(np.abs(ort_logits - logits).max()), float(np.abs(ort_cam - cam).max()))
-        log(f"parity batch {batch}: max |onnxruntime - torch| = {diff:.2e}")
-        worst = max(worst, diff)
-    if worst > PARITY_TOLERANCE:
-        raise RuntimeError(f"ONNX Runtime differs from torch by {worst:.2e} (> {PARITY_TOLERANCE:g}); "
-                           "the exported model.onnx is not the trained model")
-    return worst
 
 
 def predict(onnx_path: Path, x: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -344,36 +306,11 @@ def evaluate(pkg: ModelPackage, probs: np.ndarray, cams: np.ndarray, y: np.ndarr
 # ----------------------------------------------------------------------------------------------
 # The package
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def rewrite_manifest(text: str, device_uid: str, hashes: dict[str, str]) -> str:
-    """The manifest with a new device_uid and [hashes] table; every other line kept as it is."""
-    text, n = re.subn(r'(?m)^device_uid\s*=\s*"[^"]*".*$',
-                      f'device_uid = "{device_uid}"   # derived from the SHA-256 of model.onnx: a model that changes gets a new one',
-                      text)
-    if n != 1:
-        raise ValueError("manifest has no [model] device_uid line to rewrite")
-    table = "[hashes]\n# SHA-256 of each artefact, written by export/train_cxr_triage.py.\n" + "".join(
-        f'"{name}" = "sha256:{digest}"\n' for name, digest in hashes.items())
-    match = re.search(r"(?m)^\[hashes\]\s*$", text)
-    if match:
-        # The table runs to the next table header or the end of the file.
-        nxt = re.search(r"(?m)^\[", text[match.end():])
-        end = match.end() + nxt.start() if nxt else len(text)
-        text = text[:match.start()] + table + ("\n" if nxt else "") + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + table
-    return text
-
-
-def write_model_card(path: Path, command: str, config: TrainConfig, metrics: list[Metrics], parity: float,
-                     device_uid: str, onnx_digest: str, timings: dict[str, float], params: int) -> None:
+def write_model_card(path: Path, command: str, config: TrainConfig, metrics: list[Metrics], exported: ExportResult,
+                     timings: dict[str, float], params: int) -> None:
+    pkg = exported.package
+    spec = pkg.export
+    batches = sorted({p.batch for p in exported.parity})
     rows = "\n".join(
         f"| {m.finding} | {m.threshold:g} | {m.positives} / {m.negatives} | {m.accuracy:.3f} | "
         f"{m.sensitivity:.3f} | {m.specificity:.3f} | {m.auc:.3f} | {m.pointing:.2f} |" for m in metrics)
@@ -391,8 +328,8 @@ own Window Center/Width, resized to 256 x 256 (area), normalised (mean 0.5, std 
 (N, 2, 16, 16), the class activation map of each output (its mean over positions is the logit).
 
 Model: a CNN of {params:,} parameters (4x4 patch stem, five 3x3 convolution blocks with batch
-normalisation, 1x1 head), ONNX opset {OPSET}, dynamic batch.
-Device UID `{device_uid}`; model.onnx SHA-256 `{onnx_digest}`.
+normalisation, 1x1 head), ONNX opset {exported.opset}, dynamic batch.
+Device UID `{pkg.device_uid}`; model.onnx SHA-256 `{pkg.hashes[pkg.model_file].removeprefix("sha256:")}`.
 
 ## Training data
 
@@ -421,7 +358,9 @@ Runtime on `model.onnx`, at the manifest's `threshold_positive`:
 CAM pointing: the share of true positives whose class activation map peaks on the finding
 (the peak cell of the 16 x 16 map, or a neighbour, holds part of it).
 
-ONNX Runtime against torch, batch 1, 2 and 8: max |difference| {parity:.1e} (limit {PARITY_TOLERANCE:g}).
+ONNX Runtime against torch (`appliance export`), batch {", ".join(map(str, batches))}, on
+{exported.inputs}: max |difference| {exported.max_abs_diff:.1e}, where |torch| reaches
+{max(p.max_abs_reference for p in exported.parity):.0f} (allowed per element: {spec.atol:g} + {spec.rtol:g} x |torch|).
 
 ## How it was made
 
@@ -463,8 +402,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    source_manifest = PACKAGE_DIR / "manifest.toml"
-    manifest_text = source_manifest.read_text()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {msg}", flush=True)
@@ -480,14 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     model = train(x, y, cells, config, log)
     trained = time.perf_counter()
 
+    if out.resolve() != PACKAGE_DIR.resolve():
+        copy_package(PACKAGE_DIR, out)   # the manifest, with its [export] table
     torch.save(model.state_dict(), out / "weights.pt")
-    export_onnx(model, out / "model.onnx")
-    parity = check_parity(model, out / "model.onnx", x_eval, log)
-    onnx_digest = sha256(out / "model.onnx")
-    device_uid = derived_uid("device", onnx_digest)
-    (out / "manifest.toml").write_text(rewrite_manifest(manifest_text, device_uid, {
-        "model.onnx": onnx_digest, "weights.pt": sha256(out / "weights.pt")}))
-    pkg = load_package(out)
+    # The toolchain's export, as `appliance export` runs it: what ships is what it produced.
+    exported = export_package(out, log=log)
+    pkg = exported.package
 
     probs, cams = predict(out / "model.onnx", x_eval)
     metrics = evaluate(pkg, probs, cams, y_eval, cells_eval)
@@ -497,11 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m export.train_cxr_triage", *(sys.argv[1:] if argv is None else argv)])
     timings = {"total": time.perf_counter() - started, "phantoms": made - started, "training": trained - made,
                "load": os.getloadavg()[0]}
-    write_model_card(out / "MODEL_CARD.md", command.strip(), config, metrics, parity, device_uid, onnx_digest,
-                     timings, sum(p.numel() for p in model.head.parameters()) + sum(
+    write_model_card(out / "MODEL_CARD.md", command.strip(), config, metrics, exported, timings, sum(p.numel() for p in model.head.parameters()) + sum(
                          p.numel() for p in model.features.parameters()))
     log(f"wrote {out}: model.onnx ({(out / 'model.onnx').stat().st_size / 1024:.0f} KiB), weights.pt, "
-        f"manifest.toml (device_uid {device_uid}), MODEL_CARD.md")
+        f"manifest.toml (device_uid {pkg.device_uid}), MODEL_CARD.md")
     return 0
 
 

@@ -11,12 +11,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from appliance.manifest import load_package
+from appliance.manifest import file_sha256, load_package
 from appliance.preprocessing import preprocess_pixels, instance_window, modality_values
 from appliance.uids import derived_uid
 from export.phantoms import make_phantom, write_dicom
-from export.train_cxr_triage import (PACKAGE_DIR, CxrTriageNet, auc_roc, finding_for, monochrome1_for,
-                                     rewrite_manifest, sha256)
+from export.train_cxr_triage import PACKAGE_DIR, CxrTriageNet, auc_roc, finding_for, monochrome1_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,21 +78,11 @@ def test_quick_package_onnx_matches_torch(quick_packages):
 def test_quick_package_manifest_names_its_files_by_hash_and_a_fresh_device_uid(quick_packages):
     out = quick_packages[0]
     pkg = load_package(out)
-    digest = sha256(out / "model.onnx")
-    assert pkg.hashes == {"model.onnx": f"sha256:{digest}", "weights.pt": f"sha256:{sha256(out / 'weights.pt')}"}
-    assert pkg.device_uid == derived_uid("device", digest)
+    pkg.verify_hashes()
+    assert set(pkg.hashes) == {"model.onnx", "weights.pt", "export_report.json"}
+    assert pkg.device_uid == derived_uid("device", file_sha256(out / "model.onnx").removeprefix("sha256:"))
+    assert pkg.export.factory == "export.train_cxr_triage:CxrTriageNet" and pkg.export.weights == "weights.pt"
     assert "not for clinical use" in (out / "MODEL_CARD.md").read_text()
-
-
-def test_manifest_rewrite_keeps_comments_and_replaces_hashes_instead_of_adding_them():
-    text = (PACKAGE_DIR / "manifest.toml").read_text()
-    once = rewrite_manifest(text, "2.25.42", {"model.onnx": "ab", "weights.pt": "cd"})
-    twice = rewrite_manifest(once, "2.25.43", {"model.onnx": "ef", "weights.pt": "01"})
-    assert [line.strip() for line in twice.splitlines()].count("[hashes]") == 1
-    assert '"model.onnx" = "sha256:ef"' in twice and "sha256:ab" not in twice
-    assert 'device_uid = "2.25.43"' in twice and "2.25.42" not in twice
-    comments = [line for line in text.splitlines() if line.startswith("#") and "SHA-256" not in line]
-    assert all(line in twice for line in comments)
 
 
 def test_auc_counts_ties_as_half():
@@ -103,9 +92,9 @@ def test_auc_counts_ties_as_half():
 
 def test_shipped_package_hashes_match_its_files():
     pkg = load_package(PACKAGE_DIR)
-    for name in ("model.onnx", "weights.pt"):
-        assert pkg.hashes[name] == f"sha256:{sha256(PACKAGE_DIR / name)}", name
-    assert pkg.device_uid == derived_uid("device", sha256(PACKAGE_DIR / "model.onnx"))
+    pkg.verify_hashes()
+    assert {"model.onnx", "weights.pt"} <= set(pkg.hashes)
+    assert pkg.device_uid == derived_uid("device", file_sha256(PACKAGE_DIR / "model.onnx").removeprefix("sha256:"))
     assert (PACKAGE_DIR / "model.onnx").stat().st_size < 2 * 1024 * 1024
 
 
