@@ -148,6 +148,9 @@ def export_package(package_dir: str | Path, source: Source | None = None, *, ops
     """
     package_dir = Path(package_dir)
     pkg = load_manifest(package_dir)
+    if pkg.precision != "fp32":
+        raise ExportError(f"{package_dir} is an {pkg.precision} package made by `appliance quantize`; export "
+                          "into the FP32 package it came from and quantize that again")
     spec = pkg.export
     source = _resolve_source(pkg, spec, source)
     opset = opset or (spec.opset if spec else DEFAULT_OPSET)
