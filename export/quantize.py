@@ -34,8 +34,10 @@ version (``+int8.forced``) and the model card.  The new package has its own file
 (``model.int8.onnx``/``model.fp16.onnx``), precision, version (``0.1.0+int8``), device UID (it is
 a different model) and a hashed ``quantization_report.json``.
 
-Classification packages only: checking a segmentation package (Dice between the FP32 and
-quantised masks) and a detection package is not supported yet.
+Segmentation packages are checked by Dice agreement instead: per output, the Dice overlap of the
+FP32 and the quantised masks (as the node makes them: activation, resampled onto each image's own
+grid, ``>= threshold_positive``) per study, whose mean must reach ``--min-agreement``; the
+validation labels file then only names the studies.  Detection packages are not supported yet.
 """
 
 from __future__ import annotations
@@ -153,6 +155,9 @@ def quantize_int8(pkg: ModelPackage, target: Path, batches: list[np.ndarray], ru
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
         )
     onnx.checker.check_model(str(target), full_check=True)
+    if not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(target)).graph.node):
+        raise ConfigError(f"{pkg.onnx_path}: no layer to quantise outside the head kept in float "
+                          f"({', '.join(keep_float)}); INT8 would change nothing: use --mode fp16")
     return {"quantizer": f"onnxruntime.quantization {_version('onnxruntime')}, QDQ",
             "target": runtime_target,
             "weights": "int8, symmetric, per channel",
@@ -221,10 +226,59 @@ def compare(pkg: ModelPackage, reference: list[StudyPrediction], quantized: list
     return checks, len(used), excluded
 
 
-def failures(checks: list[OutputCheck], max_auc_drop: float, min_agreement: float) -> list[str]:
+@dataclass(frozen=True)
+class MaskCheck:
+    """One output of a segmentation package: FP32 masks against quantised masks, study by study."""
+
+    name: str
+    studies: int                       #: studies where either model segmented something
+    empty_in_both: int                 #: studies where neither did (no overlap to measure)
+    mean_dice: float | None            #: mean over ``studies`` of the Dice of the two masks
+    min_dice: float | None
+    pixels_fp32: int
+    pixels_quantized: int
+
+
+def compare_masks(pkg: ModelPackage, reference: list[StudyPrediction], quantized: list[StudyPrediction]
+                  ) -> tuple[list[MaskCheck], int, dict[str, int]]:
+    """Per output Dice agreement of the two models' masks on the studies both took."""
+    from export.evaluate import dice, predicted_masks
+
+    used, excluded = 0, {}
+    per_output: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {o.name: [] for o in pkg.outputs}
+    for a, b in zip(reference, quantized):
+        if a.probabilities is None or b.probabilities is None:
+            reason = a.rejected or b.rejected or "no_image"
+            excluded[reason] = excluded.get(reason, 0) + 1
+            continue
+        used += 1
+        masks_a = [predicted_masks(pkg, out, src) for out, src in zip(a.outputs, a.sources)]
+        masks_b = [predicted_masks(pkg, out, src) for out, src in zip(b.outputs, b.sources)]
+        for o in pkg.outputs:   # one study: its images of every series together
+            flat = lambda series: np.concatenate([m.ravel() for s in series for m in s[o.name]])  # noqa: E731
+            per_output[o.name].append((flat(masks_a), flat(masks_b)))
+    checks = []
+    for name, pairs in per_output.items():
+        scores = [d for d in (dice(a, b) for a, b in pairs) if d is not None]
+        checks.append(MaskCheck(
+            name=name, studies=len(scores), empty_in_both=len(pairs) - len(scores),
+            mean_dice=float(np.mean(scores)) if scores else None, min_dice=float(min(scores)) if scores else None,
+            pixels_fp32=int(sum(a.sum() for a, _ in pairs)), pixels_quantized=int(sum(b.sum() for _, b in pairs))))
+    return checks, used, excluded
+
+
+def failures(checks: list[OutputCheck | MaskCheck], max_auc_drop: float, min_agreement: float) -> list[str]:
     """Each way the quantised model misses the tolerance, as a sentence."""
     found = []
     for c in checks:
+        if isinstance(c, MaskCheck):
+            if c.mean_dice is None:
+                found.append(f"{c.name}: neither model segmented anything on any validation study, so Dice "
+                             "agreement is undefined; add studies that show the structure")
+            elif c.mean_dice < min_agreement - 1e-12:
+                found.append(f"{c.name}: mean Dice between the FP32 and quantised masks {c.mean_dice:.3f} over "
+                             f"{c.studies} studies (lowest {c.min_dice:.3f}), below --min-agreement {min_agreement:g}")
+            continue
         if c.auc_change is None:
             found.append(f"{c.name}: AUC is undefined: the validation labels have {c.positives} positive and "
                          f"{c.negatives} negative studies; add studies with and without the finding")
@@ -256,13 +310,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8: onnxruntime (uint8 activations, fastest on x86) or tensorrt "
                              "(symmetric int8 activations, which TensorRT requires); default onnxruntime")
     parser.add_argument("--validation", type=Path, help="folder of labelled DICOM studies to check against FP32")
-    parser.add_argument("--labels", type=Path, help="CSV naming each validation study (path or study_instance_uid) "
-                        "with one 1/0 column per output")
+    parser.add_argument("--labels", type=Path, help="CSV naming each validation study (path or study_instance_uid); "
+                        "classification: one 1/0 column per output")
     parser.add_argument("--max-auc-drop", type=float, default=0.01,
                         help="refuse when an output's AUC drops by more than this (default 0.01)")
     parser.add_argument("--min-agreement", type=float, default=0.95,
-                        help="refuse when fewer than this share of studies keep their decision at "
-                             "threshold_positive, per output (default 0.95)")
+                        help="refuse when, for any output, fewer than this share of studies keep their decision "
+                             "at threshold_positive (classification), or the mean Dice between the FP32 and the "
+                             "quantised masks is lower (segmentation); default 0.95")
     parser.add_argument("--force", action="store_true",
                         help="write the package even if it misses the tolerance or was not checked; "
                              "the report, manifest and model card say so")
@@ -288,10 +343,11 @@ def _run(args) -> int:
     if args.validation is not None:
         # Every label is read before any work: a typo on the last line fails in a second.
         studies = read_labels(args.labels, args.validation)
-        try:
-            truth = binary_labels(studies, src)
-        except LabelsError as e:
-            raise LabelsError(f"{args.labels}, {e}") from None
+        if src.task == "classification":
+            try:
+                truth = binary_labels(studies, src)
+            except LabelsError as e:
+                raise LabelsError(f"{args.labels}, {e}") from None
 
     model_file = f"model.{args.mode}.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,9 +374,13 @@ def _run(args) -> int:
         checks, used, excluded, found = [], 0, {}, []
         if studies is not None:
             print(f"checking against FP32 on {len(studies)} validation studies", file=sys.stderr)
-            reference = predict(make_runtime(src), studies)
-            candidate = predict(make_runtime(quantized), studies)
-            checks, used, excluded = compare(src, reference, candidate, truth)
+            masks = src.task == "segmentation"
+            reference = predict(make_runtime(src), studies, keep_outputs=masks)
+            candidate = predict(make_runtime(quantized), studies, keep_outputs=masks)
+            if masks:
+                checks, used, excluded = compare_masks(src, reference, candidate)
+            else:
+                checks, used, excluded = compare(src, reference, candidate, truth)
             if used == 0:
                 found = [f"none of the {len(studies)} validation studies could be read by {src.name} "
                          f"(excluded: {excluded}); no check was made"]
@@ -355,6 +415,7 @@ def _run(args) -> int:
             if args.mode == "int8" else None,
             "validation": None if studies is None else {
                 "studies": len(studies), "used": used, "excluded": excluded,
+                "metric": "dice_agreement" if src.task == "segmentation" else "auc_and_decision_agreement",
                 "tolerance": {"max_auc_drop": args.max_auc_drop, "min_agreement": args.min_agreement},
                 "outputs": [asdict(c) for c in checks]},
         }
@@ -377,10 +438,10 @@ def _run(args) -> int:
 
 
 def _check_arguments(args, src: ModelPackage) -> None:
-    if src.task != "classification":
+    if src.task not in ("classification", "segmentation"):
         raise ConfigError(f"{src.path}: {src.name} is a {src.task} package; quantize checks classification "
-                          "packages (AUC and decision agreement) only: checking segmentation (Dice against "
-                          "FP32) and detection is not supported yet")
+                          "(AUC, decision agreement) and segmentation (Dice agreement) packages: checking "
+                          "detection is not supported yet")
     if src.precision != "fp32":
         raise ConfigError(f"{src.path}: {src.name} is already {src.precision}; quantise the FP32 package it was "
                           "made from")
@@ -434,7 +495,14 @@ def _append_model_card(staging: Path, report: dict) -> None:
     if report["failures"]:
         lines += ["", "It missed the check and was written with --force:", ""] + [f"- {f}" for f in report["failures"]]
     validation = report["validation"]
-    if validation and validation["outputs"]:
+    if validation and validation["outputs"] and validation["metric"] == "dice_agreement":
+        lines += ["", f"On {validation['used']} validation studies, Dice between the FP32 and the quantised masks:", "",
+                  "| output | studies | mean Dice | lowest Dice | pixels FP32 | pixels quantised |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for o in validation["outputs"]:
+            lines.append(f"| {o['name']} | {o['studies']} | {_num(o['mean_dice'], '.3f')} | "
+                         f"{_num(o['min_dice'], '.3f')} | {o['pixels_fp32']} | {o['pixels_quantized']} |")
+    elif validation and validation["outputs"]:
         lines += ["", f"On {validation['used']} validation studies:", "",
                   "| output | AUC FP32 | AUC quantised | change | decision agreement | max prob. difference |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -449,9 +517,15 @@ def _num(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _summary(mode: str, checks: list[OutputCheck], used: int) -> str:
+def _summary(mode: str, checks: list[OutputCheck | MaskCheck], used: int) -> str:
     if not checks:
         return f"{mode}: no validation"
+    if isinstance(checks[0], MaskCheck):
+        rows = [f"{mode} against fp32 on {used} studies, Dice of the two masks:",
+                f"  {'output':<16} {'studies':>8} {'mean Dice':>10} {'lowest':>8}"]
+        rows += [f"  {c.name:<16} {c.studies:>8} {_num(c.mean_dice, '.3f'):>10} {_num(c.min_dice, '.3f'):>8}"
+                 for c in checks]
+        return "\n".join(rows)
     rows = [f"{mode} against fp32 on {used} studies:",
             f"  {'output':<16} {'AUC fp32':>9} {'AUC ' + mode:>9} {'change':>8} {'agreement':>10} {'max |dp|':>9}"]
     for c in checks:

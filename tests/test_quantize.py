@@ -2,7 +2,8 @@
 
 The demo classifier is quantised on generated, labelled chest phantoms at 1024 px (DICOM through
 the node's own preprocessing); the report's numbers are checked against an independent run of
-both packages on the same studies, and a quantisation that breaks the model is refused.
+both packages on the same studies, and a quantisation that breaks the model is refused.  A small
+segmentation package is checked by the Dice agreement of its FP32 and quantised masks.
 """
 
 from __future__ import annotations
@@ -239,14 +240,191 @@ def test_a_tampered_source_package_is_not_quantised(tmp_path, capsys):
     assert "the file changed after export" in capsys.readouterr().err
 
 
-def test_a_segmentation_package_is_refused_as_not_supported_yet(tmp_path, capsys):
-    source = tmp_path / "seg"
+def test_a_detection_package_is_refused_as_not_supported_yet(tmp_path, capsys):
+    source = tmp_path / "det"
     shutil.copytree(DEMO, source)
     manifest = source / "manifest.toml"
-    category = '\ncategory = { value = "49755003", scheme = "SCT", meaning = "Morphologically abnormal structure" }'
-    text = manifest.read_text().replace('task = "classification"', 'task = "segmentation"')
-    manifest.write_text(text.replace("threshold_critical = 0.9", "threshold_critical = 0.9" + category)
-                        .replace("threshold_critical = 0.8", "threshold_critical = 0.8" + category))
-    assert load_package(source).task == "segmentation"
+    manifest.write_text(manifest.read_text().replace('task = "classification"', 'task = "detection"'))
+    assert load_package(source).task == "detection"
     assert main(["quantize", str(source), "--mode", "fp16", "--out", str(tmp_path / "q"), "--force"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert "detection is not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+# ---- segmentation: Dice agreement of the FP32 and quantised masks ---------------------------------------
+
+ROWS, COLUMNS, SLICES = 96, 80, 3
+# Layer 1: a 3x3 mean filter scaled by GAIN, above LEVEL_BRIGHT (channel 0) and below LEVEL_DARK
+# (channel 1), through a ReLU; the 1x1 head turns each into a logit against a constant background.
+GAIN, LEVEL_BRIGHT, LEVEL_DARK = 40.0, 0.62, 0.25
+
+
+def _segmentation_package(folder: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    from appliance.manifest import file_sha256
+
+    w1 = np.zeros((2, 1, 3, 3), np.float32)
+    w1[0, 0], w1[1, 0] = GAIN / 9.0, -GAIN / 9.0
+    b1 = np.array([-GAIN * LEVEL_BRIGHT, GAIN * LEVEL_DARK], np.float32)
+    w2 = np.zeros((3, 2, 1, 1), np.float32)
+    w2[1, 0], w2[2, 1] = 2.0, 2.0
+    b2 = np.array([0.0, -1.0, -1.0], np.float32)
+    h, w = ROWS // 2, COLUMNS // 2
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="features"),
+         helper.make_node("Relu", ["c1"], ["h"], name="relu"),
+         helper.make_node("Conv", ["h", "w2", "b2"], ["logits"], name="head")],
+        "small-seg",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, h, w])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, h, w])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir()
+    onnx.save(model, folder / "model.onnx")
+    outputs = "".join(f"""
+[[outputs]]
+name = "{name}"
+tensor = "logits"
+index = {index}
+activation = "softmax"
+finding = {{ value = "108369006", scheme = "SCT", meaning = "Tumor" }}
+category = {{ value = "49755003", scheme = "SCT", meaning = "Morphologically Altered Structure" }}
+threshold_positive = 0.5
+""" for name, index in (("bright", 1), ("dark", 2)))
+    (folder / "manifest.toml").write_text(f"""[model]
+name = "small-seg"
+version = "0.0.1"
+device_uid = "2.25.1234"
+manufacturer = "test"
+task = "segmentation"
+intended_use = "test"
+
+[input]
+name = "image"
+height = {h}
+width = {w}
+channels = 1
+
+[preprocessing]
+resize = "area"
+mean = [0.0]
+std = [1.0]
+
+[applicability]
+modalities = ["CT"]
+{outputs}
+[hashes]
+"model.onnx" = "{file_sha256(folder / 'model.onnx')}"
+""")
+    return folder
+
+
+def _ct_study(folder: Path, volume: np.ndarray) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    for k, pixels in enumerate(volume):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, k + 1
+        ds.Modality = "CT"
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = np.clip(np.rint(pixels), 0, 4095).astype("<u2").tobytes()
+        ds.save_as(folder / f"slice{k}.dcm", enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def segmentation_set(tmp_path_factory) -> dict[str, Path]:
+    """Studies of 3 CT slices with a bright and a dark disc, and calibration slices of the same kind."""
+    root = tmp_path_factory.mktemp("segmentation")
+    rng = np.random.default_rng(11)
+    y, x = np.mgrid[:ROWS, :COLUMNS]
+
+    def disc(lo: float, hi: float) -> np.ndarray:
+        cy, cx, r = rng.uniform(20, ROWS - 20), rng.uniform(20, COLUMNS - 20), rng.uniform(lo, hi)
+        return (y + 0.5 - cy) ** 2 + (x + 0.5 - cx) ** 2 <= r * r
+
+    def slices() -> np.ndarray:
+        volume = []
+        for _ in range(SLICES):
+            bright = disc(5, 14)
+            dark = disc(4, 10) & ~bright
+            volume.append(2000 + 1500 * (bright.astype(float) - dark) + rng.normal(0, 250, (ROWS, COLUMNS)))
+        return np.array(volume)
+
+    rows = []
+    for s in range(6):
+        _ct_study(root / "validation" / f"case{s}", slices())
+        rows.append([f"case{s}"])
+    labels = root / "validation" / "labels.csv"
+    labels.write_text("path\n" + "".join(f"{r[0]}\n" for r in rows))
+    for s in range(3):
+        _ct_study(root / "calibration" / f"case{s}", slices())
+    return {"package": _segmentation_package(root / "small-seg"), "validation": root / "validation",
+            "labels": labels, "calibration": root / "calibration"}
+
+
+def _segment(s, out: Path, mode: str, *extra: object) -> int:
+    calib = ["--calibration", str(s["calibration"])] if mode == "int8" else []
+    return main(["quantize", str(s["package"]), "--mode", mode, "--out", str(out), *calib,
+                 "--validation", str(s["validation"]), "--labels", str(s["labels"]), *map(str, extra)])
+
+
+def _mask_dice(s, package: Path) -> dict[str, list[float]]:
+    """Per output, the Dice of the FP32 and the quantised package's masks per study, computed here."""
+    from export.evaluate import predicted_masks
+
+    fp32, quantized = load_package(s["package"]), load_package(package)
+    studies = read_labels(s["labels"], s["validation"])
+    result: dict[str, list[float]] = {o.name: [] for o in fp32.outputs}
+    for a, b in zip(predict(make_runtime(fp32), studies, keep_outputs=True),
+                    predict(make_runtime(quantized), studies, keep_outputs=True)):
+        ma = predicted_masks(fp32, a.outputs[0], a.sources[0])
+        mb = predicted_masks(fp32, b.outputs[0], b.sources[0])
+        for name in result:
+            x, y = np.stack(ma[name]), np.stack(mb[name])
+            if x.sum() + y.sum():
+                result[name].append(2.0 * np.logical_and(x, y).sum() / (x.sum() + y.sum()))
+    return result
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp16"])
+def test_a_segmentation_package_is_checked_by_dice_agreement_of_its_masks(segmentation_set, tmp_path, mode):
+    out = tmp_path / f"small-seg-{mode}"
+    assert _segment(segmentation_set, out, mode) == 0
+    pkg = load_package(out)
+    pkg.verify_hashes()
+    assert pkg.precision == mode and pkg.task == "segmentation"
+    report = _report(out)
+    assert report["validation"]["metric"] == "dice_agreement" and report["outcome"] == "accepted"
+    expected = _mask_dice(segmentation_set, out)
+    for output in report["validation"]["outputs"]:
+        dices = expected[output["name"]]
+        assert dices and output["studies"] == len(dices)
+        assert output["mean_dice"] == pytest.approx(np.mean(dices)) and output["mean_dice"] >= 0.95
+
+
+def test_a_segmentation_quantisation_below_the_dice_tolerance_is_refused_naming_the_output(
+        segmentation_set, tmp_path, capsys):
+    assert _segment(segmentation_set, tmp_path / "first", "int8") == 0
+    outputs = _report(tmp_path / "first")["validation"]["outputs"]
+    worst = min(outputs, key=lambda o: o["mean_dice"])
+    assert worst["mean_dice"] < 1.0   # INT8 moved some mask boundary
+    # A tolerance just above what this model reaches: the same quantisation is now refused.
+    tolerance = (worst["mean_dice"] + 1.0) / 2
+    out = tmp_path / "second"
+    assert _segment(segmentation_set, out, "int8", "--min-agreement", tolerance) == 1
+    err = capsys.readouterr().err
+    assert f"{worst['name']}: mean Dice between the FP32 and quantised masks" in err
+    assert f"--min-agreement {tolerance:g}" in err
+    assert not out.exists()
