@@ -23,8 +23,10 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -50,6 +52,10 @@ PHANTOM_SEED = 8_100_000
 
 class ExportError(Exception):
     """An export that did not produce a verified model; the message names the problem and the fix."""
+
+
+class RepositoryError(ExportError):
+    """The package was exported, but its Triton repository entry could not be written."""
 
 
 @dataclass(frozen=True)
@@ -110,9 +116,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default for CR/DX packages: synthetic chest phantoms)")
     parser.add_argument("--triton-repo", type=Path, metavar="DIR",
                         help="also write a Triton Inference Server model repository entry DIR/<name>/")
+    parser.epilog = ("Outputs: a model returning a tuple gives the manifest's outputs.tensor names in the order the "
+                     "[[outputs]] first name them, then heatmap_tensor; a dict gives them by key. "
+                     "Exit status 0 exported, 1 the model failed a check (the package is left as it was), "
+                     "2 a missing file or a manifest problem.")
 
 
 def run(args: argparse.Namespace) -> int:
+    for module in ("torch", "onnx"):
+        if importlib.util.find_spec(module) is None:
+            print(f"appliance export: needs {module}, which is not installed here; install the toolchain with "
+                  "pip install 'appliance[export]' (a runtime-only node does not carry it)", file=sys.stderr)
+            return 2
     if args.program is not None and (args.factory or args.weights):
         raise ManifestError("give either --program or --factory/--weights, not both")
     source = None
@@ -123,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = export_package(args.package, source, opset=args.opset, atol=args.atol, rtol=args.rtol,
                                 studies=args.studies, triton_repo=args.triton_repo)
+    except RepositoryError as e:
+        print(f"appliance export: {e}", file=sys.stderr)
+        return 1
     except ExportError as e:
         print(f"appliance export: {e}", file=sys.stderr)
         print(f"appliance export: {args.package} was left as it was", file=sys.stderr)
@@ -199,7 +217,11 @@ def export_package(package_dir: str | Path, source: Source | None = None, *, ops
     triton_model = None
     if triton_repo is not None:
         from export.triton import write_repository
-        triton_model = write_repository(triton_repo, done, done.onnx_path)
+        try:
+            triton_model = write_repository(triton_repo, done, done.onnx_path)
+        except (OSError, ValueError) as e:
+            raise RepositoryError(f"{package_dir} was exported, but the Triton repository {triton_repo} could not "
+                                  f"be written: {e}; fix that and run the export again") from None
     return ExportResult(done, tuple(parity), opset, exporter, inputs_note, triton_model)
 
 
@@ -240,7 +262,6 @@ def _resolve_source(pkg: ModelPackage, spec: ExportSpec | None, given: Source | 
                                 "(or an [export] factory in the manifest)")
         given = Source(factory=factory, weights=weights)
     if given.program is None:
-        import re
         if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", given.factory or ""):
             raise ManifestError(f"--factory {given.factory!r}: expected package.module:function")
         if given.weights is None:
@@ -272,13 +293,18 @@ def _load_module(factory: str, weights: Path):
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ExportError(f"factory {factory}: {module_name} has no function or class {function_name!r}")
-    model = function()
+    try:
+        model = function()
+    except Exception as e:
+        raise ExportError(f"factory {factory} raised {type(e).__name__}: {_first_line(e)}; it is called with no "
+                          "arguments and must return the model") from None
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"factory {factory} returned {type(model).__name__}, not a torch.nn.Module")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, a non-torch file, a whole pickled module
-        raise ExportError(f"{weights}: not a state dict torch.load can read with weights_only=True ({e}); "
+        raise ExportError(f"{weights}: not a state dict torch.load can read with weights_only=True "
+                          f"({_first_line(e)}); "
                           "save it with torch.save(model.state_dict(), path)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
@@ -315,7 +341,7 @@ def _load_program(path: Path, pkg: ModelPackage):
     try:
         program = torch.export.load(str(path))
     except Exception as e:
-        raise ExportError(f"{path}: not a torch.export program torch.export.load can read ({e}); "
+        raise ExportError(f"{path}: not a torch.export program torch.export.load can read ({_first_line(e)}); "
                           "save one with torch.export.save(torch.export.export(model, args), path)") from None
     # A program traced with example inputs only has their batch size fixed in its graph; say so
     # before spending an ONNX export on it.
