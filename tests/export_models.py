@@ -70,6 +70,17 @@ def batch_branching() -> nn.Module:
     return BatchBranching().eval()
 
 
+class ChannelsLast(SmallClassifier):
+    """Takes NHWC, as models ported from TensorFlow often do."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return super().forward(image.permute(0, 3, 1, 2))
+
+
+def channels_last() -> nn.Module:
+    return ChannelsLast().eval()
+
+
 class WithHeatmap(SmallClassifier):
     """Returns its outputs as a dict, in an order other than the manifest's."""
 
@@ -114,7 +125,7 @@ threshold_positive = 0.5
 
 def manifest(name: str, task: str = "classification", outputs: str = CLASSIFIER_OUTPUTS, *,
              heatmap: str | None = None, modalities: str = '["DX", "CR"]', max_batch: int = MAX_BATCH,
-             size: int = SIZE) -> str:
+             size: int = SIZE, layout: str = "NCHW") -> str:
     heatmap_line = f'heatmap_tensor = "{heatmap}"\n' if heatmap else ""
     return f"""# {name}: a test package for appliance export.
 
@@ -133,6 +144,7 @@ height = {size}
 width = {size}
 channels = 1
 max_batch = {max_batch}
+layout = "{layout}"
 
 [preprocessing]
 resize = "area"

@@ -148,6 +148,17 @@ def test_outputs_returned_as_a_dict_are_named_by_key_with_the_heatmap(tmp_path):
         np.testing.assert_allclose(got[name], expected[name].numpy(), atol=1e-5, rtol=1e-4)
 
 
+def test_a_channels_last_model_is_checked_on_the_input_the_node_feeds_it(tmp_path):
+    package = em.make_package(tmp_path / "nhwc", "channels_last", layout="NHWC")
+    assert export(package, "--factory", "export_models:channels_last", "--weights", str(package / "weights.pt")) == 0
+    model = onnx.load(str(package / "model.onnx"))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == [em.SIZE, em.SIZE, 1]
+    x = fresh_inputs(2)                          # NCHW, as the preprocessing kernels make it
+    with torch.no_grad():
+        expected = em.channels_last()(torch.from_numpy(x.transpose(0, 2, 3, 1).copy())).numpy()
+    np.testing.assert_allclose(OnnxRuntime(load_package(package)).run(x)["logits"], expected, atol=1e-5, rtol=1e-4)
+
+
 def test_an_input_shape_the_model_cannot_take_names_the_manifest_keys(tmp_path, capsys):
     package = em.make_package(tmp_path / "rgb", "small_classifier")
     text = (package / "manifest.toml").read_text().replace("channels = 1", "channels = 3")
