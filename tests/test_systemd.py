@@ -144,7 +144,10 @@ def test_engines_are_built_before_the_node_and_only_on_gpu_hosts():
     assert engines["Unit"]["ConditionPathExists"] == ["/dev/nvidia0"]
     assert engines["Unit"]["Before"] == ["appliance.service"]
     assert engines["Service"]["Type"] == ["oneshot"]
-    assert engines["Service"]["ExecStart"] == [f"{INSTALLED_BINARY} build-engine --all --missing-only"]
+    # The node's own configuration: the same routes, and engines where the node looks for them.
+    node_exec = unit_settings(UNITS / "appliance.service")["Service"]["ExecStart"][0]
+    config = node_exec.split("--config ", 1)[1]
+    assert engines["Service"]["ExecStart"] == [f"{INSTALLED_BINARY} build-engine --all --missing-only --config {config}"]
     # The same dynamic user, so the engines it writes belong to the node.
     for key in ("User", "StateDirectory"):
         assert engines["Service"][key] == unit_settings(UNITS / "appliance.service")["Service"][key]
