@@ -26,7 +26,8 @@ from .postprocessing import Finding, findings
 from .preprocessing import InputRejected
 from .reporting import build_report
 from .runtime import Runtime
-from .spool import Spool, write_durably
+from .journal import write_durably
+from .spool import Spool
 
 log = logging.getLogger("appliance.pipeline")
 
