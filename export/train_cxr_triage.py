@@ -32,6 +32,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,7 +45,7 @@ from appliance.manifest import BUNDLED_DIR, ModelPackage
 from appliance.manifest import Window
 from appliance.preprocessing import prepare_instance, preprocess_pixels, resize
 from export.evaluate import auc_roc
-from export.onnx_export import ExportResult, export_package
+from export.onnx_export import ExportResult, Source, export_package
 from export.package import copy_package, load_manifest
 from export.phantoms import NODULE_BIT, PNEUMOTHORAX_BIT, make_phantom, write_dicom
 
@@ -360,7 +361,9 @@ CAM pointing: the share of true positives whose class activation map peaks on th
 
 ONNX Runtime against torch (`appliance export`), batch {", ".join(map(str, batches))}, on
 {exported.inputs}: max |difference| {exported.max_abs_diff:.1e}, where |torch| reaches
-{max(p.max_abs_reference for p in exported.parity):.0f} (allowed per element: {spec.atol:g} + {spec.rtol:g} x |torch|).
+{max(p.max_abs_reference for p in exported.parity):.3g} (allowed per element: {spec.atol:g} + {spec.rtol:g} x |torch|).
+`appliance export appliance/model_packages/cxr-triage` rebuilds this model.onnx from weights.pt
+byte for byte.
 
 ## How it was made
 
@@ -419,9 +422,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if out.resolve() != PACKAGE_DIR.resolve():
         copy_package(PACKAGE_DIR, out)   # the manifest, with its [export] table
-    torch.save(model.state_dict(), out / "weights.pt")
-    # The toolchain's export, as `appliance export` runs it: what ships is what it produced.
-    exported = export_package(out, log=log)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The toolchain's export, as `appliance export --weights` runs it: the weights enter the
+        # package only with a model.onnx that passed its checks, and what ships is what it produced.
+        torch.save(model.state_dict(), Path(tmp) / "weights.pt")
+        exported = export_package(out, Source(weights=Path(tmp) / "weights.pt"), log=log)
     pkg = exported.package
 
     probs, cams = predict(out / "model.onnx", x_eval)
@@ -432,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m export.train_cxr_triage", *(sys.argv[1:] if argv is None else argv)])
     timings = {"total": time.perf_counter() - started, "phantoms": made - started, "training": trained - made,
                "load": os.getloadavg()[0]}
-    write_model_card(out / "MODEL_CARD.md", command.strip(), config, metrics, exported, timings, sum(p.numel() for p in model.head.parameters()) + sum(
-                         p.numel() for p in model.features.parameters()))
+    params = sum(p.numel() for part in (model.features, model.head) for p in part.parameters())
+    write_model_card(out / "MODEL_CARD.md", command.strip(), config, metrics, exported, timings, params)
     log(f"wrote {out}: model.onnx ({(out / 'model.onnx').stat().st_size / 1024:.0f} KiB), weights.pt, "
         f"manifest.toml (device_uid {pkg.device_uid}), MODEL_CARD.md")
     return 0
