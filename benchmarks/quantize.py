@@ -7,12 +7,16 @@ For the demo classifier (cxr-triage, 1x256x256, two findings), in one process, o
   package, its INT8 versions (``--target onnxruntime``: uint8 activations; ``--target tensorrt``:
   symmetric int8, the form a TensorRT build takes) and its FP16 version, all made by
   export.quantize as ``appliance quantize`` makes them, calibrated on other phantoms;
+* the FP32 and INT8 models again in ONNX Runtime sessions that do not spin (session option
+  ``session.intra_op.allow_spinning = 0``): ONNX Runtime's worker threads busy-wait for the next
+  task after each call, which costs time on a 2-core machine other work also runs on;
 * torch eager: CxrTriageNet with the package's weights.pt, eval(), no_grad(), 2 threads;
 * with ``--densenet`` (default on): MONAI's DenseNet-121 (2-D, 1 channel, 224 px, random weights)
   in torch eager and exported to ONNX (opset 17), the architecture a site is likely to bring.
 
 Latency at batch 1 and 8: warm-up, then rounds in which every contender takes its turn (so a change
-of load on the machine falls on all of them alike), median and 95th percentile of single calls.
+of load on the machine falls on all of them alike; each turn starts with two untimed calls), median
+and 95th percentile of single calls.
 Accuracy: AUC of each variant on a generated labelled set through export.studies.predict.
 
 Run:  .venv/bin/python benchmarks/quantize.py [--studies 80] [--rounds 15] [--append benchmarks/RESULTS.md]
@@ -59,14 +63,22 @@ SECTION_INTRO = (
 DEMO = BUNDLED_DIR / "cxr-triage"
 
 
-def timed_rounds(contenders: dict[str, callable], rounds: int, calls: int, warmup: int = 5) -> dict[str, np.ndarray]:
-    """Seconds per call of each contender: ``rounds`` rounds of ``calls`` calls each, in turn."""
+def timed_rounds(contenders: dict[str, callable], rounds: int, calls: int, warmup: int = 5,
+                 settle: int = 2) -> dict[str, np.ndarray]:
+    """Seconds per call of each contender: ``rounds`` rounds of ``calls`` calls each, in turn.
+
+    Each turn starts with ``settle`` untimed calls: the previous contender's worker threads
+    (ONNX Runtime's pool, torch's OpenMP team) busy-wait for a while after their last call and
+    would otherwise be timed as part of this one's first calls.
+    """
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            for _ in range(settle):
+                fn()
             for _ in range(calls):
                 start = time.perf_counter()
                 fn()
@@ -88,6 +100,23 @@ def cxr_variants(work: Path, calibration: Path) -> tuple[dict[str, object], int]
     convert_fp16(fp32.onnx_path, work / "model.fp16.onnx")
     variants["FP16"] = replace(fp32, path=work, model_file="model.fp16.onnx", precision="fp16", hashes={})
     return variants, len(batches)
+
+
+class NonSpinning:
+    """The node's session settings (appliance.runtime.OnnxRuntime) with worker spinning off."""
+
+    def __init__(self, pkg):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(pkg.onnx_path), options, providers=["CPUExecutionProvider"])
+        self.input_name = pkg.input_name
+
+    def run(self, batch: np.ndarray):
+        return self.session.run(None, {self.input_name: batch})
 
 
 def stats(seconds: np.ndarray) -> tuple[float, float]:
@@ -139,6 +168,9 @@ def main() -> int:
         # The same real inputs for every contender: the first 8 validation images, preprocessed.
         inputs = np.concatenate(list(calibration_batches(fp32, work / "validation", 8)))
         runtimes = {label: OnnxRuntime(pkg, THREADS) for label, pkg in variants.items()}
+        int8 = next(k for k in variants if "onnxruntime" in k)
+        for label in ("FP32", int8):
+            runtimes[f"{label}, spinning off"] = NonSpinning(variants[label])
         net = CxrTriageNet()
         net.load_state_dict(torch.load(DEMO / "weights.pt", map_location="cpu", weights_only=True))
         net.eval()
@@ -151,7 +183,7 @@ def main() -> int:
                 return net(x)
 
         latency = {}
-        for batch, calls in ((1, 20), (8, 4)):
+        for batch, calls in ((1, 20), (8, 6)):
             x = inputs[:batch]
             xt = torch.from_numpy(np.ascontiguousarray(x))
             contenders = {label: (lambda rt=rt, x=x: rt.run(x)) for label, rt in runtimes.items()}
@@ -187,6 +219,8 @@ def densenet_latency(work: Path, rounds: int) -> dict[int, dict[str, tuple[float
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    quiet = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     x8 = np.random.default_rng(0).standard_normal((8, 1, 224, 224), dtype=np.float32)
     with torch.no_grad():
         difference = float(np.abs(net(torch.from_numpy(x8)).numpy() - session.run(None, {"image": x8})[0]).max())
@@ -200,6 +234,7 @@ def densenet_latency(work: Path, rounds: int) -> dict[int, dict[str, tuple[float
                 return net(xt)
 
         times = timed_rounds({"ONNX Runtime (FP32)": lambda x=x: session.run(None, {"image": x}),
+                              "ONNX Runtime (FP32), spinning off": lambda x=x: quiet.run(None, {"image": x}),
                               "torch eager (FP32)": eager}, max(3, rounds // 2), calls, warmup=2)
         result[batch] = {k: stats(v) for k, v in times.items()}
     return result
@@ -233,17 +268,22 @@ def render(args, load_start, load_end, calibration_images, accuracy, latency, pa
     for label in latency[1]:
         (m1, p1), (m8, p8) = latency[1][label], latency[8][label]
         lines.append(f"| {label} | {m1:.2f} | {p1:.2f} | {m8:.2f} | {p8:.2f} | {ref1 / m1:.2f}x | {ref8 / m8:.2f}x |")
-    int8 = next(k for k in latency[1] if "onnxruntime" in k)
+    int8 = next(k for k in latency[1] if "onnxruntime" in k and "spinning" not in k)
     int8_trt = next(k for k in latency[1] if "tensorrt" in k)
     torch_label = "torch eager (FP32)"
-    summary = [f"FP32 / INT8 (ONNX Runtime form): {ref1 / latency[1][int8][0]:.2f}x at batch 1, "
-               f"{ref8 / latency[8][int8][0]:.2f}x at batch 8",
+
+    def ratio(a: str, b: str) -> str:
+        return f"{latency[1][a][0] / latency[1][b][0]:.2f}x at batch 1, {latency[8][a][0] / latency[8][b][0]:.2f}x at batch 8"
+
+    summary = [f"FP32 / INT8 (ONNX Runtime form): {ratio('FP32', int8)}; "
+               f"with spinning off: {ratio('FP32, spinning off', int8 + ', spinning off')}",
                f"FP32 / INT8 (TensorRT form, symmetric) on the CPU: {ref1 / latency[1][int8_trt][0]:.2f}x at batch 1, "
                f"{ref8 / latency[8][int8_trt][0]:.2f}x at batch 8",
                f"FP32 / FP16 on the CPU: {ref1 / latency[1]['FP16'][0]:.2f}x at batch 1, "
                f"{ref8 / latency[8]['FP16'][0]:.2f}x at batch 8",
-               f"torch eager / ONNX Runtime FP32: {latency[1][torch_label][0] / ref1:.2f}x at batch 1, "
-               f"{latency[8][torch_label][0] / ref8:.2f}x at batch 8"]
+               f"torch eager / ONNX Runtime FP32: {ratio(torch_label, 'FP32')}; "
+               f"against ONNX Runtime with spinning off: {ratio(torch_label, 'FP32, spinning off')}",
+               f"ONNX Runtime FP32, spinning on / off: {ratio('FP32', 'FP32, spinning off')}"]
     if densenet:
         lines += ["", f"**MONAI DenseNet-121** (2-D, 1x224x224, random weights, ONNX opset 17), one call (ms); outputs "
                   f"differ by at most {densenet['parity']:.1e}:", "",
@@ -253,8 +293,10 @@ def render(args, load_start, load_end, calibration_images, accuracy, latency, pa
             (m1, p1), (m8, p8) = densenet[1][label], densenet[8][label]
             lines.append(f"| {label} | {m1:.1f} | {p1:.1f} | {m8:.1f} | {p8:.1f} |")
         ort1, ort8 = densenet[1]["ONNX Runtime (FP32)"][0], densenet[8]["ONNX Runtime (FP32)"][0]
-        summary.append(f"DenseNet-121 torch eager / ONNX Runtime: {densenet[1]['torch eager (FP32)'][0] / ort1:.2f}x "
-                       f"at batch 1, {densenet[8]['torch eager (FP32)'][0] / ort8:.2f}x at batch 8")
+        q1, q8 = densenet[1]["ONNX Runtime (FP32), spinning off"][0], densenet[8]["ONNX Runtime (FP32), spinning off"][0]
+        t1, t8 = densenet[1]["torch eager (FP32)"][0], densenet[8]["torch eager (FP32)"][0]
+        summary.append(f"DenseNet-121 torch eager / ONNX Runtime: {t1 / ort1:.2f}x at batch 1, {t8 / ort8:.2f}x at "
+                       f"batch 8; against ONNX Runtime with spinning off: {t1 / q1:.2f}x, {t8 / q8:.2f}x")
     return lines + [""] + [f"- {s}" for s in summary]
 
 
