@@ -59,8 +59,8 @@ from appliance import __version__
 from appliance.config import ConfigError
 from appliance.manifest import ModelPackage, file_sha256, load_package
 from export.package import copy_package, device_uid_for, record, set_keys
-from export.studies import LabelsError, StudyPrediction, binary_labels, calibration_batches, make_runtime, predict, \
-    read_labels
+from export.studies import (LabelsError, StudyPrediction, binary_labels, calibration_batches, make_runtime, predict,
+                            read_labels)
 
 MODES = ("fp16", "int8")
 TARGETS = ("onnxruntime", "tensorrt")
@@ -359,6 +359,8 @@ def _run(args) -> int:
         copy_package(src.path, staging)   # manifest and model card; the FP32 artefacts stay behind
         calibration_images = 0
         if args.mode == "fp16":
+            if args.calibration is not None:
+                print("--calibration is not used by --mode fp16 (float16 needs no ranges)", file=sys.stderr)
             settings = convert_fp16(src.onnx_path, staging / model_file)
         else:
             batches = list(calibration_batches(src, args.calibration, args.calibration_limit))
@@ -390,11 +392,17 @@ def _run(args) -> int:
             found = ["not checked: no --validation studies were given"]
         print(_summary(args.mode, checks, used), file=sys.stderr)
         if found and not args.force:
+            if studies is None:
+                fix = "Give --validation DIR --labels CSV to check it against FP32"
+            elif args.mode == "int8":
+                fix = ("Check that the calibration images are the site's own studies of the kind the model reads "
+                       "(and enough of them), or try --mode fp16")
+            else:
+                fix = "Keep the FP32 package: this model loses too much in float16"
             raise QuantizationRefused(
                 f"{args.mode.upper()} version of {src.name} {src.version} refused, nothing written to {out}:\n  "
                 + "\n  ".join(found)
-                + "\nCheck the calibration images (the site's own studies, of the kind the model reads), "
-                  "try --mode fp16, or give --force to write it anyway with the failure on record.")
+                + f"\n{fix}; or give --force to write it anyway with the failure on record.")
 
         outcome = "forced" if found else "accepted"
         version = _version_for(src.version, args.mode, forced=bool(found))
