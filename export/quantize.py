@@ -298,8 +298,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("package", type=Path, help="the FP32 model package folder to quantise")
     parser.add_argument("--mode", required=True, choices=MODES,
                         help="fp16: float16 conversion; int8: Q/DQ nodes calibrated on --calibration")
-    parser.add_argument("--out", required=True, type=Path, help="the new package folder (must not exist, or be empty)")
-    parser.add_argument("--calibration", type=Path,
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="the new package folder (must not exist, or be empty)")
+    parser.add_argument("--calibration", type=Path, metavar="DIR",
                         help="int8: folder of DICOM images the package takes, for the activation ranges "
                              "(not the validation studies)")
     parser.add_argument("--calibration-limit", type=int, default=128, metavar="N",
@@ -309,12 +309,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=TARGETS, default="onnxruntime",
                         help="int8: onnxruntime (uint8 activations, fastest on x86) or tensorrt "
                              "(symmetric int8 activations, which TensorRT requires); default onnxruntime")
-    parser.add_argument("--validation", type=Path, help="folder of labelled DICOM studies to check against FP32")
-    parser.add_argument("--labels", type=Path, help="CSV naming each validation study (path or study_instance_uid); "
+    parser.add_argument("--validation", type=Path, metavar="DIR", help="folder of labelled DICOM studies to check against FP32")
+    parser.add_argument("--labels", type=Path, metavar="CSV", help="CSV naming each validation study (path or study_instance_uid); "
                         "classification: one 1/0 column per output")
-    parser.add_argument("--max-auc-drop", type=float, default=0.01,
+    parser.add_argument("--max-auc-drop", type=float, default=0.01, metavar="AUC",
                         help="refuse when an output's AUC drops by more than this (default 0.01)")
-    parser.add_argument("--min-agreement", type=float, default=0.95,
+    parser.add_argument("--min-agreement", type=float, default=0.95, metavar="SHARE",
                         help="refuse when, for any output, fewer than this share of studies keep their decision "
                              "at threshold_positive (classification), or the mean Dice between the FP32 and the "
                              "quantised masks is lower (segmentation); default 0.95")
