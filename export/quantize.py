@@ -422,6 +422,7 @@ def _run(args) -> int:
             "calibration": {"images": calibration_images, "limit": args.calibration_limit}
             if args.mode == "int8" else None,
             "validation": None if studies is None else {
+                "labels": {"file": args.labels.name, "sha256": file_sha256(args.labels)},
                 "studies": len(studies), "used": used, "excluded": excluded,
                 "metric": "dice_agreement" if src.task == "segmentation" else "auc_and_decision_agreement",
                 "tolerance": {"max_auc_drop": args.max_auc_drop, "min_agreement": args.min_agreement},

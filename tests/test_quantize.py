@@ -19,7 +19,7 @@ import pytest
 from onnx import numpy_helper
 
 from appliance.cli import main
-from appliance.manifest import BUNDLED_DIR, load_package
+from appliance.manifest import BUNDLED_DIR, file_sha256, load_package
 from appliance.runtime import OnnxRuntime
 from export.evaluate import auc_roc
 from export.phantoms import make_phantom, write_dicom, write_labelled_set
@@ -138,6 +138,7 @@ def test_int8_runs_in_the_nodes_onnx_runtime_and_its_report_is_what_the_package_
     report = _report(int8_package)
     assert report["outcome"] == "accepted" and not report["forced"] and report["failures"] == []
     assert report["validation"]["studies"] == VALIDATION_STUDIES
+    assert report["validation"]["labels"]["sha256"] == file_sha256(phantoms["labels"])   # which labels judged it
     _assert_report_matches(report, _independent_check(phantoms, int8_package))
     for output in report["validation"]["outputs"]:
         assert output["auc_change"] >= -0.01 and output["decision_agreement"] >= 0.95   # the default tolerance
@@ -261,8 +262,6 @@ GAIN, LEVEL_BRIGHT, LEVEL_DARK = 40.0, 0.62, 0.25
 
 def _segmentation_package(folder: Path) -> Path:
     from onnx import TensorProto, helper
-
-    from appliance.manifest import file_sha256
 
     w1 = np.zeros((2, 1, 3, 3), np.float32)
     w1[0, 0], w1[1, 0] = GAIN / 9.0, -GAIN / 9.0
