@@ -67,29 +67,20 @@ def _align(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK * BLOCK
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(folder: Path, name: str, data: bytes | memoryview) -> Path:
-    """Write ``data`` to ``folder/name`` so that it exists whole or not at all after a crash."""
-    final = folder / name
-    tmp = folder / f".{name}.tmp"
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        os.write(fd, text.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, final)
-    fsync_dir(folder)
-    return final
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 @dataclass(frozen=True)
@@ -151,7 +142,7 @@ class Journal:
             self.durable, self.key = int(state["epoch"]), bytes.fromhex(state["key"])
         else:
             self.durable, self.key = 1, secrets.token_bytes(16)
-            write_durably(self.folder, "checkpoint", json.dumps({"epoch": self.durable, "key": self.key.hex()}).encode())
+            _write_durably(checkpoint, json.dumps({"epoch": self.durable, "key": self.key.hex()}))
         self.epoch = self.durable
         existing = sorted(self.folder.glob("j*.wal"))
         for path in existing:
@@ -220,7 +211,11 @@ class Journal:
             raise
         os.close(fd)
         os.replace(tmp, path)
-        fsync_dir(self.folder)
+        dfd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
         return _File(path, self.file_bytes)
 
     def acquire(self) -> "Slot | None":
@@ -269,7 +264,7 @@ class Journal:
             self.epoch = covered + 1
             self._written = 0
         self._sync()
-        write_durably(self.folder, "checkpoint", json.dumps({"epoch": covered + 1, "key": self.key.hex()}).encode())
+        _write_durably(self.folder / "checkpoint", json.dumps({"epoch": covered + 1, "key": self.key.hex()}))
         with self._lock:
             self.durable = covered + 1
 

@@ -26,8 +26,7 @@ from .postprocessing import Finding, findings
 from .preprocessing import InputRejected
 from .reporting import build_report
 from .runtime import Runtime
-from .journal import write_durably
-from .spool import Spool
+from .spool import Spool, write_durably
 
 log = logging.getLogger("appliance.pipeline")
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import __version__, audit, encoding, uids
 from .index import Index
-from .journal import Journal, Slot, fsync_dir, supported as journal_supported
+from .journal import Journal, Slot, supported as journal_supported
 
 log = logging.getLogger("appliance.spool")
 
@@ -85,6 +85,31 @@ class Stored:
 
     instance_id: int
     series_id: int
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(folder: Path, name: str, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``folder/name`` so that it exists whole or not at all after a crash."""
+    final = folder / name
+    tmp = folder / f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(folder)
+    return final
 
 
 def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
