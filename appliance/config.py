@@ -111,7 +111,6 @@ class Config:
     network_timeout: float = 60.0
     max_pdu: int = 1048576
     min_free_mb: int = 1024
-    journal_mb: int = 128
     quiet_seconds: float = 5.0
     metrics_enabled: bool = True
     metrics_bind: str = "127.0.0.1"
@@ -191,7 +190,6 @@ def parse(doc: dict[str, Any], base: Path | None = None) -> Config:
         network_timeout=node.number("network_timeout", d.network_timeout, minimum=1),
         max_pdu=node.integer("max_pdu", d.max_pdu, minimum=0),
         min_free_mb=node.integer("min_free_mb", d.min_free_mb, minimum=0),
-        journal_mb=node.integer("journal_mb", d.journal_mb, minimum=0),
         quiet_seconds=completion.number("quiet_seconds", d.quiet_seconds, minimum=0.1),
         metrics_enabled=metrics.boolean("enabled", d.metrics_enabled),
         metrics_bind=metrics.address("bind", d.metrics_bind),

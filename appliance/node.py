@@ -67,7 +67,7 @@ class Node:
         self.cfg = cfg
         self.data_dir = Path(cfg.data_dir)
         self.index = Index(self.data_dir / "index.sqlite")
-        self.spool = Spool(self.data_dir, self.index, cfg.journal_mb, min_free_mb=cfg.min_free_mb)
+        self.spool = Spool(self.data_dir, self.index)
         self.packages = load_packages(cfg)
         self.runtimes: dict[str, Runtime] = {name: _runtime(pkg, cfg) for name, pkg in self.packages.items()}
         self.pipeline = Pipeline(cfg, self.index, self.spool, self.runtimes)
@@ -173,7 +173,6 @@ class Node:
             t.join(timeout=grace_seconds)
         if self.ops is not None:
             self.ops.stop()
-        self.spool.close()
         log.info("stopped", extra={"event": "node.stopped"})
 
     # -- stages ----------------------------------------------------------------------------------

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -35,7 +33,6 @@ from pathlib import Path
 
 from . import __version__, audit, encoding, uids
 from .index import Index
-from .journal import Journal, Slot, supported as journal_supported
 
 log = logging.getLogger("appliance.spool")
 
@@ -166,11 +163,9 @@ class Flusher:
 class Reception:
     """One instance arriving: the File Meta Information, then the data set fragment by fragment."""
 
-    def __init__(self, folder: Path, name: str, meta: bytes, slot: Slot | None = None):
+    def __init__(self, folder: Path, name: str, meta: bytes):
         self.folder, self.name = folder, name
         self.part = folder / f".{name}.part"
-        #: The journal record this reception is also written into; None: flush the file system.
-        self.slot = slot
         self.fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self.size = 0
         self._written_back = 0
@@ -183,14 +178,10 @@ class Reception:
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``; OSError (ENOSPC, EIO) if the disk cannot take it."""
         view = memoryview(data)
-        if self.slot is not None and not self.slot.write(view):
-            self.slot = None  # it does not fit in the journal file: this one is flushed the old way
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
             self.size += n
-        if self.slot is not None:
-            return  # durable through the journal; the spool file is written back at a checkpoint
         if _SYNC_FILE_RANGE is not None and self.size - self._written_back >= WRITE_BEHIND_BYTES:
             # Start writing back what is there; the flush at the end then waits for less.
             _SYNC_FILE_RANGE(self.fd, self._written_back, self.size - self._written_back, _SYNC_FILE_RANGE_WRITE)
@@ -198,7 +189,7 @@ class Reception:
 
     def write_back(self) -> None:
         """Start writing back what is not yet on its way (the end of the data set), without waiting."""
-        if self.slot is None and _SYNC_FILE_RANGE is not None and self.fd >= 0 and self.size > self._written_back:
+        if _SYNC_FILE_RANGE is not None and self.fd >= 0 and self.size > self._written_back:
             _SYNC_FILE_RANGE(self.fd, self._written_back, self.size - self._written_back, _SYNC_FILE_RANGE_WRITE)
             self._written_back = self.size
 
@@ -210,17 +201,11 @@ class Reception:
     def discard(self) -> None:
         """Forget the reception: nothing of it stays on disk."""
         self.close()
-        if self.slot is not None:
-            self.slot.abandon()
         self.part.unlink(missing_ok=True)
 
 
 class Spool:
-    def __init__(self, data_dir: Path, index: Index, journal_mb: int = 0, journal_files: int = 4,
-                 checkpoint_seconds: float = 1.0, min_free_mb: int = 0):
-        """``journal_mb``: size of each receive journal file (see :mod:`appliance.journal`); 0: none,
-        every instance is made durable by flushing the file system.  ``checkpoint_seconds``: how
-        often the journal is checkpointed while instances arrive."""
+    def __init__(self, data_dir: Path, index: Index):
         self.root = Path(data_dir) / "spool"
         self.root.mkdir(parents=True, exist_ok=True)
         self.index = index
@@ -229,10 +214,6 @@ class Spool:
         self._relaxed = threading.local()
         self._index_lock = threading.Lock()
         self.flusher = Flusher(self.root)
-        self.journal: Journal | None = None
-        folder = Path(data_dir) / "journal"
-        if journal_mb > 0 or folder.is_dir():
-            self._open_journal(folder, journal_mb, journal_files, checkpoint_seconds, min_free_mb)
         self.recover()
 
     def contains(self, sop_instance_uid: str) -> bool:
@@ -253,59 +234,9 @@ class Spool:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize / 2**20
 
-    def _open_journal(self, folder: Path, journal_mb: int, journal_files: int, checkpoint_seconds: float,
-                      min_free_mb: int) -> None:
-        """Replay what a crash left in the journal, then keep it for new receptions (if asked for)."""
-        if journal_mb > 0 and not journal_supported(folder):
-            log.warning("the data_dir's file system refuses O_DIRECT: no receive journal, each instance "
-                        "flushes the file system", extra={"event": "journal.unavailable"})
-            journal_mb = 0
-        # A journal file is made only while the disk watermark plus as much again stays free.
-        journal = Journal(folder, max(journal_mb, 1) << 20, journal_files, self.flusher.flush,
-                          reserve_bytes=2 * min_free_mb << 20)
-        replayed = 0
-        for record in journal.records():
-            replayed += self._replay(record)
-        if replayed:
-            log.warning("%d acknowledged instance(s) restored from the receive journal after a crash",
-                        replayed, extra={"event": "journal.replayed", "instances": replayed})
-        journal.checkpoint()   # the replayed files and rows are durable; the journal space is free
-        journal.drop_stale_files()
-        if journal_mb > 0:
-            journal.start(checkpoint_seconds)
-            self.journal = journal
-            first = journal.acquire()  # make the first file now, not during the first association
-            if first is not None:
-                first.abandon()
-        else:
-            journal.close()
-            shutil.rmtree(folder, ignore_errors=True)  # turned off: nothing left to replay
-
-    def _replay(self, record) -> int:
-        meta = record.meta
-        path = self.root / meta["path"]
-        if not path.resolve().is_relative_to(self.root.resolve()):
-            return 0  # the node wrote this path itself; anything else is not a record of ours
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = record.read()
-        tmp = path.with_name(f".{path.name}.replay")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        info = InstanceInfo(**meta["info"])
-        with self.index.transaction() as db:
-            self._index(db, info, path, len(data), meta["calling_ae"], meta["received_at"])
-        return 1
-
     def receive(self, meta: bytes) -> Reception:
         """Start an instance; write its data set with :meth:`Reception.write`, then :meth:`commit` it."""
-        slot = self.journal.acquire() if self.journal is not None else None
-        try:
-            return Reception(self._bucket(), uuid.uuid4().hex, meta, slot)
-        except BaseException:
-            if slot is not None:
-                slot.abandon()
-            raise
+        return Reception(self._bucket(), uuid.uuid4().hex, meta)
 
     def _connection(self):
         # The group commit makes the index row durable, so this thread's commits need not flush
@@ -340,27 +271,13 @@ class Spool:
                     db.execute("ROLLBACK")
                     raise
             if stored is None:  # already there (a second copy, or a concurrent association)
-                if reception.slot is not None:
-                    reception.slot.abandon()
                 final.unlink(missing_ok=True)
                 return None
-            self._make_durable(reception, info, final, calling_ae, now)
+            self.flusher.flush()
         except BaseException:
             self._forget(info, final)
             raise
         return stored
-
-    def _make_durable(self, reception: Reception, info: InstanceInfo, final: Path, calling_ae: str, now: float) -> None:
-        if reception.slot is not None:
-            meta = {"path": str(final.relative_to(self.root)), "calling_ae": calling_ae, "received_at": now,
-                    "info": dataclasses.asdict(info)}
-            try:
-                reception.slot.commit(meta)
-                return
-            except OSError as e:
-                log.warning("journal write failed (%s); flushing the file system instead", e.strerror,
-                            extra={"event": "journal.write_failed"})
-        self.flusher.flush()
 
     def _index(self, db, info: InstanceInfo, path: Path, size: int, calling_ae: str, now: float) -> Stored | None:
         cur = db.execute(
@@ -476,12 +393,6 @@ class Spool:
                 if hour.is_dir() and f"{day.name}/{hour.name}" >= first:
                     buckets.append(hour)
         return buckets
-
-    def close(self) -> None:
-        """A last checkpoint: the spool and index durable, the journal empty for the next start."""
-        if self.journal is not None:
-            self.journal.close()
-            self.journal = None
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         rows = self.index.query(
