@@ -510,6 +510,31 @@ def _trt_logger(trt):
         return _trt_logger_instance
 
 
+#: What ``appliance quantize`` records of how it made an INT8 package (its report's settings).
+QUANTIZATION_REPORT = "quantization_report.json"
+
+
+def tensorrt_refusal(package: ModelPackage) -> str | None:
+    """Why TensorRT cannot build this package as it is, or None.
+
+    TensorRT takes INT8 only as symmetric Q/DQ pairs with int8 activations (zero point 0);
+    ``appliance quantize --target onnxruntime`` (the default) writes uint8 activations with a zero
+    point, which is what ONNX Runtime runs fastest on x86 and what TensorRT's ONNX parser refuses.
+    Said before the build, in the package's own terms, instead of as a parser error.
+    """
+    if package.precision != "int8":
+        return None
+    report = package.path / QUANTIZATION_REPORT
+    try:
+        target = json.loads(report.read_text()).get("settings", {}).get("target")
+    except (OSError, ValueError):
+        return None  # quantised elsewhere: TensorRT's parser is the judge
+    if target is not None and target != "tensorrt":
+        return (f"{package.name} is an INT8 package made for {target} (uint8 activations with a zero point); "
+                "TensorRT needs symmetric int8 Q/DQ: make it with `appliance quantize --mode int8 --target tensorrt`")
+    return None
+
+
 def build_engine(package: ModelPackage, engines_dir: Path, platform: Platform,
                  options: BuildOptions | None = None) -> EngineMetadata:
     """Build ``package``'s engine for ``platform`` and write plan, metadata and timing cache.
@@ -518,6 +543,9 @@ def build_engine(package: ModelPackage, engines_dir: Path, platform: Platform,
     The plan is written before the metadata: a crash in between leaves a plan no metadata vouches
     for, which is never loaded.
     """
+    refusal = tensorrt_refusal(package)
+    if refusal:
+        raise EngineError(refusal)
     import tensorrt as trt
 
     options = options or BuildOptions()

@@ -427,3 +427,12 @@ def test_a_segmentation_quantisation_below_the_dice_tolerance_is_refused_naming_
     assert f"{worst['name']}: mean Dice between the FP32 and quantised masks" in err
     assert f"--min-agreement {tolerance:g}" in err
     assert not out.exists()
+
+
+def test_an_int8_package_made_for_onnx_runtime_is_refused_by_build_engine_with_the_fix(int8_package):
+    from appliance import engines
+
+    package = load_package(int8_package)
+    assert _report(int8_package)["settings"]["target"] == "onnxruntime"
+    with pytest.raises(engines.EngineError, match="--target tensorrt"):
+        engines.build_engine(package, int8_package / "engines", platform=None)
