@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from appliance.cli import main
-from appliance.manifest import BUNDLED_DIR, file_sha256
+from appliance.manifest import BUNDLED_DIR
 from export.evaluate import delong, delong_interval, wilson_interval
 from export.phantoms import make_phantom, write_dicom
+from segmentation_support import write_ct_slice, write_segmentation_package
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINDINGS = (None, "nodule", "pneumothorax", "nodule+pneumothorax")
@@ -259,7 +260,6 @@ GAIN, LEVEL_BRIGHT, LEVEL_DARK = 40.0, 0.62, 0.25
 
 
 def _segmentation_package(folder: Path) -> Path:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weights = np.zeros((3, 1, 3, 3), np.float32)
@@ -274,68 +274,12 @@ def _segmentation_package(folder: Path) -> Path:
         [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    folder.mkdir()
-    onnx.save(model, folder / "model.onnx")
-    outputs = ""
-    for name, index in (("bright", 1), ("dark", 2)):
-        outputs += f"""
-[[outputs]]
-name = "{name}"
-tensor = "logits"
-index = {index}
-activation = "softmax"
-finding = {{ value = "108369006", scheme = "SCT", meaning = "Tumor" }}
-category = {{ value = "49755003", scheme = "SCT", meaning = "Morphologically Altered Structure" }}
-threshold_positive = 0.5
-"""
-    (folder / "manifest.toml").write_text(f"""
-[model]
-name = "tiny-seg"
-version = "0.0.1"
-device_uid = "2.25.1234"
-manufacturer = "test"
-task = "segmentation"
-intended_use = "test"
-
-[input]
-name = "image"
-height = {ROWS // 2}
-width = {COLUMNS // 2}
-channels = 1
-
-[preprocessing]
-resize = "area"
-mean = [0.0]
-std = [1.0]
-
-[applicability]
-modalities = ["CT"]
-{outputs}
-[hashes]
-"model.onnx" = "{file_sha256(folder / 'model.onnx')}"
-""")
-    return folder
+    return write_segmentation_package(folder, model, "tiny-seg", ROWS // 2, COLUMNS // 2)
 
 
 def _ct_slice(pixels: np.ndarray, path: Path, study: str, series: str, instance: int) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, instance
-    ds.Modality, ds.PatientName = "CT", "SEGMENTATION^PHANTOM"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-    ds.PixelSpacing = [SPACING_MM, SPACING_MM]
-    ds.SliceThickness = THICKNESS_MM
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_ct_slice(pixels, path, study, series, instance, PatientName="SEGMENTATION^PHANTOM",
+                   PixelSpacing=[SPACING_MM, SPACING_MM], SliceThickness=THICKNESS_MM)
 
 
 def _disk(rng, rows, columns, lo, hi):

@@ -25,6 +25,7 @@ from export.evaluate import auc_roc
 from export.phantoms import make_phantom, write_dicom, write_labelled_set
 from export.quantize import REPORT_FILE
 from export.studies import binary_labels, calibration_batches, make_runtime, predict, read_labels
+from segmentation_support import write_ct_slice, write_segmentation_package
 
 DEMO = BUNDLED_DIR / "cxr-triage"
 VALIDATION_STUDIES = 32
@@ -280,66 +281,16 @@ def _segmentation_package(folder: Path) -> Path:
         [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    folder.mkdir()
-    onnx.save(model, folder / "model.onnx")
-    outputs = "".join(f"""
-[[outputs]]
-name = "{name}"
-tensor = "logits"
-index = {index}
-activation = "softmax"
-finding = {{ value = "108369006", scheme = "SCT", meaning = "Tumor" }}
-category = {{ value = "49755003", scheme = "SCT", meaning = "Morphologically Altered Structure" }}
-threshold_positive = 0.5
-""" for name, index in (("bright", 1), ("dark", 2)))
-    (folder / "manifest.toml").write_text(f"""[model]
-name = "small-seg"
-version = "0.0.1"
-device_uid = "2.25.1234"
-manufacturer = "test"
-task = "segmentation"
-intended_use = "test"
-
-[input]
-name = "image"
-height = {h}
-width = {w}
-channels = 1
-
-[preprocessing]
-resize = "area"
-mean = [0.0]
-std = [1.0]
-
-[applicability]
-modalities = ["CT"]
-{outputs}
-[hashes]
-"model.onnx" = "{file_sha256(folder / 'model.onnx')}"
-""")
-    return folder
+    return write_segmentation_package(folder, model, "small-seg", h, w)
 
 
 def _ct_study(folder: Path, volume: np.ndarray) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     folder.mkdir(parents=True)
     study, series = generate_uid(), generate_uid()
     for k, pixels in enumerate(volume):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, k + 1
-        ds.Modality = "CT"
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-        ds.PixelData = np.clip(np.rint(pixels), 0, 4095).astype("<u2").tobytes()
-        ds.save_as(folder / f"slice{k}.dcm", enforce_file_format=True)
+        write_ct_slice(np.clip(np.rint(pixels), 0, 4095), folder / f"slice{k}.dcm", study, series, k + 1)
 
 
 @pytest.fixture(scope="module")
