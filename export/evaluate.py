@@ -45,7 +45,7 @@ import numpy as np
 from appliance import __version__
 from appliance.manifest import ManifestError, ModelPackage, Output, find_package, load_package
 from export.studies import (KEY_COLUMNS, LabelledStudy, LabelsError, StudyPrediction, binary_labels, make_runtime,
-                            predict, read_labels)
+                            predict, read_csv, read_labels)
 
 #: The 97.5th percentile of the standard normal distribution: two-sided 95% intervals.
 Z95 = 1.959963984540054
@@ -569,8 +569,7 @@ def _sha256(path: Path) -> str:
 
 
 def _key_column(csv_path: Path) -> str:
-    with open(csv_path, newline="") as f:
-        header = next(csv.reader(f), [])
+    _, header = read_csv(csv_path)
     return next((c for c in KEY_COLUMNS if c in header), KEY_COLUMNS[0])
 
 

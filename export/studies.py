@@ -71,17 +71,41 @@ def _study_uid(path: Path) -> str | None:
         return None
 
 
+def read_csv(csv_path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
+    """(line number, row) of each data row, and the header, of a labels file.
+
+    Read as ``utf-8-sig``: a spreadsheet's "CSV UTF-8" starts with a byte order mark, which would
+    otherwise make the first column ``\ufeffpath``.  Column names are stripped (``path, nodule``
+    is as good as ``path,nodule``).  The line is the reader's, so a blank line or a quoted value
+    over two lines does not shift the line an error names.
+    """
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [c.strip() for c in next(reader, [])]
+        rows = []
+        for values in reader:
+            if not any(v.strip() for v in values):
+                continue  # a blank line (or one of empty cells) names no study
+            row = dict(zip(header, values))
+            if len(values) < len(header):
+                row.update((c, "") for c in header[len(values):])
+            rows.append((reader.line_num, row))
+    return rows, header
+
+
 def read_labels(csv_path: Path, studies_dir: Path) -> list[LabelledStudy]:
     """The labelled studies a CSV names, each with its DICOM files, checked before any inference."""
     csv_path, studies_dir = Path(csv_path), Path(studies_dir)
     if not studies_dir.is_dir():
         raise FileNotFoundError(f"{studies_dir}: no such folder of studies")
     try:
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-            header = list(rows[0].keys()) if rows else []
+        rows, header = read_csv(csv_path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{csv_path}: no such labels file") from None
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise LabelsError(f"{csv_path}: the header names the column(s) {', '.join(map(repr, repeated))} more than "
+                          "once; which one holds the label would be a guess: keep one")
     keys = [c for c in KEY_COLUMNS if c in header]
     if len(keys) != 1:
         raise LabelsError(f"{csv_path}: the header needs exactly one of the columns {', '.join(KEY_COLUMNS)} "
@@ -94,7 +118,7 @@ def read_labels(csv_path: Path, studies_dir: Path) -> list[LabelledStudy]:
             if uid:
                 by_uid[uid].append(path)
     studies, seen = [], set()
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         name = (row.get(key) or "").strip()
         if not name:
             raise LabelsError(f"{csv_path}, line {line}: column {key} is empty")
@@ -106,12 +130,15 @@ def read_labels(csv_path: Path, studies_dir: Path) -> list[LabelledStudy]:
             if not target.is_relative_to(studies_dir.resolve()) or not target.exists():
                 raise LabelsError(f"{csv_path}, line {line}: path {name!r} is not a file or folder "
                                   f"inside {studies_dir}")
+            if target in seen:  # "a.dcm" and "./a.dcm": one study counted twice would weigh double
+                raise LabelsError(f"{csv_path}, line {line}: path {name!r} is a study an earlier line names")
+            seen.add(target)
             files = _dicom_files(target)
         else:
             files = by_uid.get(name, [])
         if not files:
             raise LabelsError(f"{csv_path}, line {line}: no DICOM files for {key} {name!r} under {studies_dir}")
-        labels = {k: (v or "").strip() for k, v in row.items() if k != key and k is not None}
+        labels = {k: (v or "").strip() for k, v in row.items() if k != key}
         studies.append(LabelledStudy(name, line, tuple(files), labels))
     if not studies:
         raise LabelsError(f"{csv_path}: no rows")

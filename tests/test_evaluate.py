@@ -240,6 +240,37 @@ def test_a_labels_file_naming_a_missing_study_or_column_is_refused(tmp_path, two
     assert "no column 'pneumothorax'" in capsys.readouterr().err
 
 
+def test_a_labels_file_saved_by_a_spreadsheet_with_a_byte_order_mark_and_spaced_header_is_read(
+        tmp_path, two_phantoms, capsys):
+    labels = tmp_path / "labels.csv"
+    # Excel's "CSV UTF-8" starts with a byte order mark; people type "path, nodule".
+    labels.write_text("\ufeffpath, nodule , pneumothorax\r\ns0.dcm,0,1\r\ns1.dcm,1,0\r\n", encoding="utf-8")
+    code = main(["evaluate", "cxr-triage", "--studies", str(two_phantoms), "--labels", str(labels), "--json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["labels"]["key"] == "path"
+    assert report["studies"]["evaluated"] == 2
+    assert {o["name"]: o["positives"] for o in report["outputs"]} == {"nodule": 1, "pneumothorax": 1}
+
+
+def test_an_error_names_the_line_of_the_file_even_after_a_blank_line(tmp_path, two_phantoms, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,nodule,pneumothorax\ns0.dcm,0,1\n\ns1.dcm,1,maybe\n")
+    assert main(["evaluate", "cxr-triage", "--studies", str(two_phantoms), "--labels", str(labels)]) == 2
+    assert "line 4, column pneumothorax" in capsys.readouterr().err
+
+
+def test_one_study_named_twice_in_two_spellings_is_refused(tmp_path, two_phantoms, capsys):
+    labels = _write_labels(tmp_path / "labels.csv", ["path", "nodule", "pneumothorax"],
+                           [["s0.dcm", "0", "1"], ["./s0.dcm", "0", "1"]])
+    assert main(["evaluate", "cxr-triage", "--studies", str(two_phantoms), "--labels", str(labels)]) == 2
+    assert "line 3" in capsys.readouterr().err
+    labels = _write_labels(tmp_path / "labels.csv", ["path", "nodule", "nodule", "pneumothorax"],
+                           [["s0.dcm", "0", "1", "1"]])
+    assert main(["evaluate", "cxr-triage", "--studies", str(two_phantoms), "--labels", str(labels)]) == 2
+    assert "'nodule' more than once" in capsys.readouterr().err
+
+
 def test_a_detection_package_is_refused_plainly(tmp_path, two_phantoms, capsys):
     package = tmp_path / "detector"
     shutil.copytree(BUNDLED_DIR / "cxr-triage", package)
