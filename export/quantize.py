@@ -112,15 +112,22 @@ def convert_fp16(source: Path, target: Path) -> dict[str, object]:
 
 
 class _Batches:
-    """ONNX Runtime's CalibrationDataReader over preprocessed images (one per call)."""
+    """ONNX Runtime's CalibrationDataReader over preprocessed images (one per call), fed as the
+    node's runtime feeds them: the preprocessing kernels make NCHW, and an NHWC model
+    (``[input] layout``) gets each batch transposed (appliance.runtime.OnnxRuntime.run)."""
 
-    def __init__(self, input_name: str, batches: list[np.ndarray]):
+    def __init__(self, input_name: str, batches: list[np.ndarray], layout: str = "NCHW"):
         self.input_name = input_name
+        self.layout = layout
         self.batches = iter(batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.batches, None)
-        return None if batch is None else {self.input_name: batch}
+        if batch is None:
+            return None
+        if self.layout == "NHWC":
+            batch = batch.transpose(0, 2, 3, 1)
+        return {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
 
 
 def quantize_int8(pkg: ModelPackage, target: Path, batches: list[np.ndarray], runtime_target: str = "onnxruntime",
@@ -143,7 +150,7 @@ def quantize_int8(pkg: ModelPackage, target: Path, batches: list[np.ndarray], ru
         keep_float = float_head(model, tensors)
         symmetric = runtime_target == "tensorrt"
         quantize_static(
-            str(prepared), str(target), _Batches(pkg.input_name, batches),
+            str(prepared), str(target), _Batches(pkg.input_name, batches, pkg.input_layout),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,

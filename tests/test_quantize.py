@@ -387,3 +387,33 @@ def test_an_int8_package_made_for_onnx_runtime_is_refused_by_build_engine_with_t
     assert _report(int8_package)["settings"]["target"] == "onnxruntime"
     with pytest.raises(engines.EngineError, match="--target tensorrt"):
         engines.build_engine(package, int8_package / "engines", platform=None)
+
+
+def test_an_nhwc_package_is_calibrated_on_its_own_layout_and_quantised(segmentation_set, tmp_path):
+    """The node's kernels make NCHW and its runtime transposes for an NHWC model; calibration
+    feeds the model what the runtime feeds it."""
+    from onnx import TensorProto, helper
+
+    nchw = onnx.load(segmentation_set["package"] / "model.onnx")
+    h, w = ROWS // 2, COLUMNS // 2
+    graph = nchw.graph
+    nodes = [helper.make_node("Transpose", ["pixels"], ["image"], perm=[0, 3, 1, 2], name="to_nchw"), *graph.node]
+    model = helper.make_model(
+        helper.make_graph(nodes, "small-seg-nhwc",
+                          [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", h, w, 1])],
+                          list(graph.output), list(graph.initializer)),
+        opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    package = write_segmentation_package(tmp_path / "small-seg-nhwc", model, "small-seg-nhwc", h, w)
+    manifest = package / "manifest.toml"
+    manifest.write_text(manifest.read_text().replace('name = "image"\n', 'name = "pixels"\nlayout = "NHWC"\n'))
+    assert load_package(package).input_layout == "NHWC"
+    nhwc = dict(segmentation_set, package=package)
+
+    out = tmp_path / "small-seg-nhwc-int8"
+    assert _segment(nhwc, out, "int8") == 0
+    report = _report(out)
+    assert report["outcome"] == "accepted" and report["calibration"]["images"] > 0
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(out / "model.int8.onnx").graph.node)
+    for output in report["validation"]["outputs"]:
+        assert output["mean_dice"] >= 0.95
