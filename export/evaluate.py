@@ -396,9 +396,23 @@ def _spacing(ds) -> tuple[float | None, str | None]:
     return None, None
 
 
-def _slice_spacing(ds) -> float | None:
-    """Thickness one slice stands for: Spacing Between Slices when given (overlapping or gapped
-    slices), else Slice Thickness."""
+def _slice_spacing(slices: list) -> float | None:
+    """Thickness one slice stands for: the distance between neighbouring slices' Image Position
+    (Patient) along the normal of their Image Orientation (Patient) (PS3.3 C.7.6.2.1.1), else
+    Spacing Between Slices, else Slice Thickness.  A CT series reconstructed with overlap (1.25 mm
+    slices every 0.625 mm) rarely carries Spacing Between Slices, an MR attribute, and its Slice
+    Thickness would count every voxel twice."""
+    try:
+        orientation = np.array([float(v) for v in slices[0].ImageOrientationPatient])
+        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in slices])
+    except (AttributeError, TypeError, ValueError):
+        orientation = positions = None
+    if orientation is not None and orientation.shape == (6,) and positions.shape == (len(slices), 3):
+        normal = np.cross(orientation[:3], orientation[3:])
+        steps = np.abs(np.diff(positions @ normal))
+        if len(steps) and np.all(steps > 1e-6) and np.linalg.norm(normal) > 0.5:
+            return float(np.median(steps))
+    ds = slices[0]
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
         try:
             value = float(ds.get(keyword))
@@ -470,7 +484,7 @@ def segmentation_study(pkg: ModelPackage, prediction: StudyPrediction, masks: Re
         return [s != 0 for s in stack]
 
     areas = [_spacing(sources[i]) for i in order]
-    thickness = _slice_spacing(sources[order[0]]) if len(order) > 1 else None
+    thickness = _slice_spacing([sources[i] for i in order]) if len(order) > 1 else None
     if any(a is None for a, _ in areas) or (len(order) > 1 and thickness is None):
         unit, scale = None, None
     elif len(order) > 1:

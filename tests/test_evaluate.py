@@ -468,3 +468,30 @@ def test_a_package_named_on_the_search_path_and_studies_keyed_by_study_uid(segme
     assert [r["study_instance_uid"] for r in rows] == s["uids"][:2]
     for row, (predicted, label_map) in zip(rows, s["expected"]):
         assert float(row["bright_dice"]) == pytest.approx(_dice(predicted["bright"], label_map == 1), abs=2e-3)
+
+
+def test_volume_of_an_overlapping_ct_reconstruction_uses_the_distance_between_slices(segmentation_set, tmp_path):
+    """2.5 mm slices reconstructed every 1.25 mm, as CT often is, without Spacing Between Slices:
+    a voxel stands for 1.25 mm of the volume, not its 2.5 mm Slice Thickness."""
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(9)
+    study, series = generate_uid(), generate_uid()
+    (tmp_path / "studies" / "overlap").mkdir(parents=True)
+    label_map = np.zeros((SLICES, ROWS, COLUMNS), np.uint8)
+    for k in range(SLICES):
+        bright = _disk(rng, ROWS, COLUMNS, 8, 14)
+        label_map[k][bright] = 1
+        pixels = np.clip(np.rint(2000 + 1500 * bright + rng.normal(0, 250, (ROWS, COLUMNS))), 0, 4095)
+        # Head first, the table moving out: Image Position's z falls as Instance Number rises.
+        write_ct_slice(pixels, tmp_path / "studies" / "overlap" / f"{k}.dcm", study, series, k + 1,
+                       PixelSpacing=[SPACING_MM, SPACING_MM], SliceThickness=THICKNESS_MM,
+                       ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[-40, -30, -100 - 1.25 * k])
+    np.save(tmp_path / "overlap.npy", label_map)
+    labels = _write_labels(tmp_path / "labels.csv", ["path", "mask"], [["overlap", "overlap.npy"]])
+    code = main(["evaluate", str(segmentation_set["package"]), "--studies", str(tmp_path / "studies"),
+                 "--labels", str(labels), "--out", str(tmp_path / "out")])
+    assert code == 0
+    row = _read_csv(tmp_path / "out" / "predictions.csv")[0]
+    assert row["bright_unit"] == "mL"
+    assert float(row["bright_reference_size"]) == pytest.approx((label_map == 1).sum() * SPACING_MM ** 2 * 1.25 / 1000)
