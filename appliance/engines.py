@@ -645,29 +645,42 @@ def _save_timing_cache(config, cache, path: Path) -> None:
         write_atomically(path, bytes(memoryview(cache.serialize())))
 
 
-def engine_state(package: ModelPackage, engines_dir: Path, platform: Platform) -> tuple[EnginePaths, list[str]]:
-    """Where ``package``'s engine is, and why it must be (re)built (empty: it is current)."""
+def _check_engine(package: ModelPackage, engines_dir: Path,
+                  platform: Platform) -> tuple[EnginePaths, EngineMetadata | None, list[str]]:
+    """Where ``package``'s engine is, the metadata read once, and why it must be (re)built."""
     paths = engine_paths(engines_dir, platform, package)
     try:
         meta = read_metadata(paths.metadata)
     except EngineError as e:
-        return paths, [str(e)]
+        return paths, None, [str(e)]
     reasons = stale_reasons(meta, platform, package, file_sha256(package.onnx_path))
     if not reasons:
         try:
             read_plan(paths, meta)
         except EngineError as e:
             reasons.append(str(e))
+    return paths, meta, reasons
+
+
+def engine_state(package: ModelPackage, engines_dir: Path, platform: Platform) -> tuple[EnginePaths, list[str]]:
+    """Where ``package``'s engine is, and why it must be (re)built (empty: it is current)."""
+    paths, _, reasons = _check_engine(package, engines_dir, platform)
     return paths, reasons
 
 
 def ensure_engine(package: ModelPackage, engines_dir: Path, platform: Platform, build: bool,
                   options: BuildOptions | None = None) -> tuple[EnginePaths, EngineMetadata]:
     """A current engine for ``package``: the one on disk, or a new build when ``build`` allows;
-    otherwise :class:`EngineError` saying why the engine on disk is not used."""
+    otherwise :class:`EngineError` saying why the engine on disk is not used.
+
+    The metadata returned is the very copy that was judged current (read once): the node reads
+    without the build lock, and a second read could return metadata written meanwhile by a
+    build from another manifest (another batch range, precision or ONNX), which nothing checked.
+    The plan is then hashed against this copy when it is loaded (:func:`read_plan`).
+    """
     paths = engine_paths(engines_dir, platform, package)
     with build_lock(paths.lock) if build else contextlib.nullcontext():
-        _, reasons = engine_state(package, engines_dir, platform)
+        _, meta, reasons = _check_engine(package, engines_dir, platform)
         if reasons:
             if not build:
                 raise EngineError(f"{package.name}: no usable TensorRT engine at {paths.plan}: {'; '.join(reasons)}; "
@@ -675,9 +688,11 @@ def ensure_engine(package: ModelPackage, engines_dir: Path, platform: Platform, 
             log.info("%s: building its engine: %s", package.name, "; ".join(reasons),
                      extra={"event": "engine.stale", "model": package.name})
             build_engine(package, engines_dir, platform, options)
-        meta = read_metadata(paths.metadata)
-        if meta is None:  # a build that returned without writing it: never load a plan nothing vouches for
-            raise EngineError(f"{paths.metadata}: missing after the build; run `appliance build-engine {package.name}`")
+            _, meta, reasons = _check_engine(package, engines_dir, platform)
+            if reasons:  # never load a plan nothing vouches for
+                raise EngineError(f"{package.name}: the engine just built at {paths.plan} is not usable: "
+                                  f"{'; '.join(reasons)}; run `appliance build-engine {package.name}`")
+        assert meta is not None
         return paths, meta
 
 

@@ -561,3 +561,22 @@ def test_no_engine_is_built_from_an_onnx_file_that_differs_from_the_manifest(cxr
     with pytest.raises(Exception, match="no engine is built from a changed model"):
         engines.build_engine(pkg, tmp_path, PLATFORM)
     assert trt.calls == []
+
+
+def test_the_metadata_returned_is_the_copy_that_was_judged_current(cxr, tmp_path, monkeypatch):
+    # The node loads without the build lock: a build from another manifest (here: another
+    # TensorRT's metadata) may replace model.json between the check and the load.  What
+    # ensure_engine returns, and what the plan is then hashed against, is what was checked.
+    meta = _fake_engine(cxr, tmp_path)
+    paths = engine_paths(tmp_path, PLATFORM, cxr)
+    stale = dataclasses.replace(meta, tensorrt="10.0.1")
+    real_read_plan = engines.read_plan
+
+    def read_plan_then_replace(p, m):
+        data = real_read_plan(p, m)
+        engines.write_atomically(paths.metadata, stale.to_json().encode())
+        return data
+
+    monkeypatch.setattr(engines, "read_plan", read_plan_then_replace)
+    _, got = ensure_engine(cxr, tmp_path, PLATFORM, build=False)
+    assert got == meta and stale_reasons(got, PLATFORM, cxr, file_sha256(cxr.onnx_path)) == []
