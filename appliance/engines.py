@@ -823,15 +823,30 @@ class TensorRTRuntime:
         self.platform = platform or probe_platform()
         self.paths, self.metadata = ensure_engine(package, engines_dir, self.platform, build, options)
         self._gpu = thread or gpu_thread()
+        self._closed = False
+        self._trt_runtime = self.engine = self.context = self.stream = None
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, Any] = {}
         self._gpu.call(self._load)
 
     def _load(self) -> None:
+        try:
+            self._load_on_gpu_thread()
+        except BaseException:
+            # What was made so far is released here, on the thread whose context made it: pycuda
+            # refuses to free a stream, device or page-locked buffer from another thread
+            # ("cannot activate out-of-thread context") and would leak it when "auto" falls back.
+            self._release()
+            raise
+
+    def _load_on_gpu_thread(self) -> None:
         import pycuda.driver as cuda
         import tensorrt as trt
 
         pkg = self.package
         plan = read_plan(self.paths, self.metadata)
         self._logger = _trt_logger(trt)
+        # The runtime must outlive every engine it deserialised; it is kept, and released last.
         self._trt_runtime = trt.Runtime(self._logger)
         self.engine = self._trt_runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
@@ -847,16 +862,24 @@ class TensorRTRuntime:
             if out.tensor not in self.output_names:
                 raise EngineError(f"{self.paths.plan}: no output named {out.tensor!r} (outputs.tensor of {out.name}); "
                                   f"the engine has {self.output_names}")
-        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.dtypes = {}
+        for n in names:
+            trt_dtype = self.engine.get_tensor_dtype(n)
+            try:  # trt.nptype raises TypeError for types numpy lacks (BF16, FP8, FP4, INT4)
+                self.dtypes[n] = np.dtype(trt.nptype(trt_dtype))
+            except TypeError:
+                raise EngineError(f"{self.paths.plan}: tensor {n!r} is {trt_dtype}, which numpy cannot hold; "
+                                  "export the model with float32 or float16 inputs and outputs") from None
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineError(f"{self.paths.plan}: TensorRT could not create an execution context (GPU memory "
+                              "exhausted?); see its errors above")
         self.stream = cuda.Stream()
         # Buffers for the largest batch, allocated once: output shapes come from the context once
         # the input shape is set (a shape with -1 left in it would be data-dependent: refused).
         max_shape = input_shape(pkg, pkg.max_batch)
         if not self.context.set_input_shape(pkg.input_name, max_shape):
             raise EngineError(f"{self.paths.plan}: the engine refuses input shape {list(max_shape)}; rebuild it")
-        self.host: dict[str, np.ndarray] = {}
-        self.device: dict[str, Any] = {}
         for name in names:
             shape = tuple(self.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
@@ -864,7 +887,8 @@ class TensorRTRuntime:
                                   "the appliance's TensorRT runtime needs shapes known from the input")
             self.host[name] = cuda.pagelocked_empty(shape, self.dtypes[name])
             self.device[name] = cuda.mem_alloc(max(self.host[name].nbytes, 1))
-            self.context.set_tensor_address(name, int(self.device[name]))
+            if self.context.set_tensor_address(name, int(self.device[name])) is False:
+                raise EngineError(f"{self.paths.plan}: TensorRT refused the buffer of {name!r}")
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """``batch`` is NCHW float32, as the preprocessing kernels produce it."""
@@ -877,6 +901,8 @@ class TensorRTRuntime:
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         import pycuda.driver as cuda
 
+        if self._closed:
+            raise EngineError(f"{self.package.name}: the TensorRT runtime has been closed")
         pkg = self.package
         n = len(batch)
         x = pad_batch(to_model_layout(batch, pkg.input_layout), pkg.min_batch)
@@ -887,6 +913,7 @@ class TensorRTRuntime:
             raise EngineError(f"{pkg.name}: the engine refuses input shape {list(staged.shape)}")
         cuda.memcpy_htod_async(self.device[name], staged, self.stream)
         if not self.context.execute_async_v3(self.stream.handle):
+            self.stream.synchronize()  # the input copy may still read the staging buffer
             raise EngineError(f"{pkg.name}: TensorRT failed to enqueue the batch (see its errors above)")
         results = {}
         for out in self.output_names:
@@ -895,15 +922,28 @@ class TensorRTRuntime:
             cuda.memcpy_dtoh_async(view, self.device[out], self.stream)
             results[out] = view
         self.stream.synchronize()
+        # Copies: the page-locked buffers are reused by the next batch.
         return {k: (v[:n].astype(np.float32) if v.dtype == np.float16 else v[:n].copy()) for k, v in results.items()}
+
+    def _release(self) -> None:
+        """Drop every CUDA and TensorRT object, on the GPU thread: the execution context before
+        the engine, the engine before the runtime that deserialised it; device buffers, the
+        stream and the page-locked buffers while the context that made them is current here."""
+        self.context = None
+        for allocation in self.device.values():
+            allocation.free()
+        self.device.clear()
+        self.host.clear()
+        self.stream = None
+        self.engine = None
+        self._trt_runtime = None
 
     def close(self) -> None:
         """Free the device buffers, context and engine on the GPU thread (where they were made)."""
         def free() -> None:
-            for allocation in self.device.values():
-                allocation.free()
-            self.device.clear()
-            self.context = self.engine = None
+            if not self._closed:
+                self._closed = True
+                self._release()
 
         self._gpu.call(free)
 

@@ -580,3 +580,168 @@ def test_the_metadata_returned_is_the_copy_that_was_judged_current(cxr, tmp_path
     monkeypatch.setattr(engines, "read_plan", read_plan_then_replace)
     _, got = ensure_engine(cxr, tmp_path, PLATFORM, build=False)
     assert got == meta and stale_reasons(got, PLATFORM, cxr, file_sha256(cxr.onnx_path)) == []
+
+
+# ---- the runtime, against stand-ins for tensorrt and pycuda.driver -------------------------------------
+# What TensorRTRuntime asks of them: named tensors, set_input_shape / get_tensor_shape for the
+# batch, int addresses and an int stream handle, copies of exactly the batch's bytes; everything
+# made, used and freed on the GPU thread.
+
+class _FakeCuda:
+    """pycuda.driver: device memory is a bytearray per allocation; every object notes the thread
+    it was freed or dropped on (pycuda refuses to free from another thread than the context's)."""
+
+    def __init__(self):
+        self.memory: dict[int, bytearray] = {}
+        self.freed_on: list[tuple[str, int]] = []
+        self.handles: list = []
+        fake = self
+
+        class Allocation:
+            def __init__(self, nbytes):
+                self.address = 0x1000 * (len(fake.memory) + 1)
+                fake.memory[self.address] = bytearray(nbytes)
+
+            def __int__(self):
+                return self.address
+
+            def free(self):
+                fake.freed_on.append(("device", threading.get_ident()))
+                del fake.memory[self.address]
+
+        class Stream:
+            handle = 0xABC
+
+            def synchronize(self):
+                pass
+
+            def __del__(self):
+                fake.freed_on.append(("stream", threading.get_ident()))
+
+        self.Allocation, self.Stream = Allocation, Stream
+
+    def mem_alloc(self, nbytes):
+        return self.Allocation(nbytes)
+
+    def pagelocked_empty(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def memcpy_htod_async(self, dest, src, stream):
+        data = np.ascontiguousarray(src).tobytes()
+        self.memory[int(dest)][:len(data)] = data
+
+    def memcpy_dtoh_async(self, dest, src, stream):
+        dest.reshape(-1).view(np.uint8)[:] = np.frombuffer(self.memory[int(src)], np.uint8)[:dest.nbytes]
+
+
+class _FakeRuntimeTensorRT:
+    """tensorrt at run time: an engine with input image [-1, 1, 256, 256] and output logits [-1, 3],
+    whose 'kernel' writes each image's mean to its three logits."""
+
+    class ILogger:
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self):
+            pass
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "INPUT", "OUTPUT"
+
+    def __init__(self, cuda: _FakeCuda, logits_shape=("batch", 3)):
+        self.executed: list[tuple] = []
+        fake = self
+        self.nptype = {"FLOAT": np.float32}.__getitem__
+
+        class Context:
+            def __init__(self):
+                self.shape, self.addresses = None, {}
+
+            def set_input_shape(self, name, shape):
+                self.shape = tuple(shape)
+                return True
+
+            def get_tensor_shape(self, name):
+                n = self.shape[0]
+                return self.shape if name == "image" else tuple(n if d == "batch" else d for d in logits_shape)
+
+            def set_tensor_address(self, name, address):
+                assert isinstance(address, int)
+                self.addresses[name] = address
+                return True
+
+            def execute_async_v3(self, stream_handle):
+                assert isinstance(stream_handle, int)
+                n = self.shape[0]
+                images = np.frombuffer(cuda.memory[self.addresses["image"]], np.float32)[:n * 256 * 256]
+                logits = np.repeat(images.reshape(n, -1).mean(axis=1, keepdims=True), 3, axis=1).astype(np.float32)
+                cuda.memory[self.addresses["logits"]][:logits.nbytes] = logits.tobytes()
+                fake.executed.append((stream_handle, self.shape))
+                return True
+
+        class Engine:
+            num_io_tensors = 2
+
+            def get_tensor_name(self, i): return ["image", "logits"][i]
+            def get_tensor_mode(self, name): return "INPUT" if name == "image" else "OUTPUT"
+            def get_tensor_dtype(self, name): return "FLOAT"
+            def create_execution_context(self): return Context()
+
+        class Runtime:
+            def __init__(self, logger): pass
+            def deserialize_cuda_engine(self, plan): return Engine()
+
+        self.Runtime = Runtime
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    def install(**kwargs):
+        cuda = _FakeCuda()
+        trt = _FakeRuntimeTensorRT(cuda, **kwargs)
+        pycuda = SimpleNamespace(driver=cuda)
+        monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+        monkeypatch.setitem(sys.modules, "pycuda.driver", cuda)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setattr(engines, "_trt_logger_instance", None)
+        return cuda, trt
+    return install
+
+
+def test_the_runtime_runs_each_batch_size_and_frees_everything_on_the_gpu_thread(cxr, tmp_path, fake_gpu):
+    cuda, trt = fake_gpu()
+    _fake_engine(cxr, tmp_path)
+    gpu = engines.GpuThread(setup=lambda: None, name="gpu-test")
+    try:
+        runtime = engines.TensorRTRuntime(cxr, tmp_path, PLATFORM, thread=gpu)
+        for n in (1, 3, cxr.max_batch):
+            batch = np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((n, 1, 256, 256), np.float32)
+            got = runtime.run(batch)
+            assert set(got) == {"logits"} and got["logits"].shape == (n, 3) and got["logits"].dtype == np.float32
+            np.testing.assert_allclose(got["logits"][:, 0], np.arange(n))
+        assert [e[0] for e in trt.executed] == [0xABC] * 3
+        assert [e[1][0] for e in trt.executed] == [1, 3, cxr.max_batch]
+        first = got["logits"].copy()
+        runtime.run(np.zeros((2, 1, 256, 256), np.float32))
+        np.testing.assert_array_equal(got["logits"], first)  # results are not views of reused buffers
+        runtime.close()
+        runtime.close()  # idempotent
+        assert cuda.memory == {}
+        assert {kind for kind, _ in cuda.freed_on} == {"device", "stream"}
+        assert {thread for _, thread in cuda.freed_on} == {gpu.ident}
+        with pytest.raises(EngineError, match="closed"):
+            runtime.run(np.zeros((1, 1, 256, 256), np.float32))
+    finally:
+        gpu.stop()
+
+
+def test_a_runtime_that_fails_to_load_frees_what_it_made_on_the_gpu_thread(cxr, tmp_path, fake_gpu):
+    cuda, _ = fake_gpu(logits_shape=("batch", -1))  # a data-dependent output shape: refused after allocating
+    _fake_engine(cxr, tmp_path)
+    gpu = engines.GpuThread(setup=lambda: None, name="gpu-test")
+    try:
+        with pytest.raises(EngineError, match="data-dependent shape"):
+            engines.TensorRTRuntime(cxr, tmp_path, PLATFORM, thread=gpu)
+        assert cuda.memory == {}
+        assert ("stream", gpu.ident) in cuda.freed_on and {t for _, t in cuda.freed_on} == {gpu.ident}
+    finally:
+        gpu.stop()
