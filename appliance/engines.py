@@ -576,7 +576,10 @@ def build_engine(package: ModelPackage, engines_dir: Path, platform: Platform,
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
     config.builder_optimization_level = options.optimization_level
     if not options.tf32:
-        config.clear_flag(trt.BuilderFlag.TF32)
+        tf32 = getattr(trt.BuilderFlag, "TF32", None)
+        if tf32 is None:
+            raise EngineError(f"TensorRT {platform.tensorrt} has no BuilderFlag.TF32 to clear; build without --no-tf32")
+        config.clear_flag(tf32)
     trt_profile = builder.create_optimization_profile()
     for name, shapes in profile.items():
         trt_profile.set_shape(name, shapes.min, shapes.opt, shapes.max)

@@ -546,6 +546,15 @@ def test_the_timing_cache_is_loaded_before_a_build_and_saved_after_it(cxr, tmp_p
     assert cache_file.read_bytes() == b"+timings+timings"
 
 
+def test_no_tf32_on_a_tensorrt_without_the_flag_is_an_engine_error_not_a_crash(cxr, tmp_path, fake_trt, monkeypatch):
+    trt = fake_trt("11.1.0", strongly_typed_bit=0)
+    monkeypatch.setattr(trt, "BuilderFlag", SimpleNamespace())
+    with pytest.raises(EngineError, match="no BuilderFlag.TF32"):
+        engines.build_engine(cxr, tmp_path, dataclasses.replace(PLATFORM, tensorrt="11.1.0"),
+                             engines.BuildOptions(tf32=False))
+    assert not engine_paths(tmp_path, PLATFORM, cxr).plan.exists()
+
+
 def test_an_onnx_graph_tensorrt_cannot_parse_is_reported_by_node_and_nothing_is_written(cxr, tmp_path, fake_trt):
     fake_trt("10.3.0", strongly_typed_bit=1, parse_ok=False)
     with pytest.raises(EngineError) as e:
