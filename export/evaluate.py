@@ -216,9 +216,15 @@ def classification_metrics(pkg: ModelPackage, probabilities: np.ndarray, truth: 
         note = None
         if ci is None:
             note = "needs at least two positive and two negative studies"
+        elif variance == 0.0 and auc in (0.0, 1.0):
+            note = ("the classes are perfectly separated on these studies"
+                    + (" with the scores reversed" if auc == 0.0 else "")
+                    + ": DeLong's variance is 0 and the interval has no width; more studies are needed to "
+                    "bound the AUC")
         elif variance == 0.0:
-            note = ("the classes are perfectly separated on these studies: DeLong's variance is 0 and the "
-                    "interval has no width; more studies are needed to bound the AUC")
+            # Every positive ties with every negative (a constant or saturated output): nothing is ranked.
+            note = ("the model gives every positive the same score as every negative (a constant or saturated "
+                    "output): it does not rank these studies, and DeLong's variance is 0")
         points = [dict(operating_point(p, t, output.threshold_positive), source="threshold_positive")]
         if extra_threshold is not None:
             points.append(dict(operating_point(p, t, extra_threshold), source="--threshold"))

@@ -211,6 +211,20 @@ def test_delong_standard_error_agrees_with_a_stratified_bootstrap():
     assert np.sqrt(variance) == pytest.approx(np.std(aucs, ddof=1), rel=0.12)
 
 
+def test_a_constant_output_is_not_reported_as_perfectly_separating_the_classes():
+    from appliance.manifest import load_package
+    from export.evaluate import classification_metrics
+
+    pkg = load_package(BUNDLED_DIR / "cxr-triage")
+    truth = np.array([[1, 1], [1, 0], [0, 1], [0, 0], [1, 0], [0, 1]])
+    # A sigmoid saturated at 1.0 for nodule; pneumothorax ranked without error.
+    probabilities = np.stack([np.ones(6), np.where(truth[:, 1] == 1, 0.9, 0.1)], axis=1)
+    nodule, pneumothorax = classification_metrics(pkg, probabilities, truth, None)
+    assert nodule["auc"]["value"] == 0.5
+    assert "separated" not in nodule["auc"]["note"] and "does not rank" in nodule["auc"]["note"]
+    assert pneumothorax["auc"]["value"] == 1.0 and "perfectly separated" in pneumothorax["auc"]["note"]
+
+
 @pytest.fixture
 def two_phantoms(tmp_path):
     studies = tmp_path / "studies"
