@@ -417,3 +417,27 @@ def test_an_nhwc_package_is_calibrated_on_its_own_layout_and_quantised(segmentat
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(out / "model.int8.onnx").graph.node)
     for output in report["validation"]["outputs"]:
         assert output["mean_dice"] >= 0.95
+
+
+def test_the_fp16_report_names_the_layers_the_converter_leaves_in_float32(tmp_path):
+    """A U-Net's upsampling (Resize) stays float32 in onnxconverter-common's float16 graph."""
+    from onnx import TensorProto, helper
+
+    from export.quantize import convert_fp16
+
+    w = numpy_helper.from_array(np.full((1, 1, 1, 1), 0.5, np.float32), "w")
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["c"], name="conv"),
+         helper.make_node("Resize", ["c", "", "scales"], ["up"], mode="linear", name="upsample")],
+        "up", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("up", TensorProto.FLOAT, ["N", 1, 16, 16])], [w, scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "model.onnx")
+    settings = convert_fp16(tmp_path / "model.onnx", tmp_path / "model.fp16.onnx")
+    converted = onnx.load(tmp_path / "model.fp16.onnx")
+    resize = next(n for n in converted.graph.node if n.op_type == "Resize")
+    cast = next(n for n in converted.graph.node if resize.input[0] in n.output)
+    assert cast.op_type == "Cast" and helper.get_attribute_value(cast.attribute[0]) == TensorProto.FLOAT
+    assert settings["float32_nodes"] == ["upsample"]
