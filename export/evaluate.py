@@ -415,7 +415,7 @@ def _slice_spacing(slices: list) -> float | None:
         orientation = positions = None
     if orientation is not None and orientation.shape == (6,) and positions.shape == (len(slices), 3):
         normal = np.cross(orientation[:3], orientation[3:])
-        steps = np.abs(np.diff(positions @ normal))
+        steps = np.diff(np.sort(positions @ normal))   # whatever order the Instance Numbers give
         if len(steps) and np.all(steps > 1e-6) and np.linalg.norm(normal) > 0.5:
             return float(np.median(steps))
     ds = slices[0]
