@@ -204,6 +204,9 @@ class OutputCheck:
     decisions_changed: int
     max_probability_difference: float
     mean_probability_difference: float
+    #: Studies whose quantised probability is NaN or infinite (float16 overflow, say): such a study
+    #: would rank above every other in the AUC and never be positive, so any is a failure.
+    non_finite: int = 0
 
 
 def compare(pkg: ModelPackage, reference: list[StudyPrediction], quantized: list[StudyPrediction],
@@ -223,17 +226,19 @@ def compare(pkg: ModelPackage, reference: list[StudyPrediction], quantized: list
     y = truth[used]
     checks = []
     for j, out in enumerate(pkg.outputs):
+        finite = np.isfinite(pq[:, j]) & np.isfinite(p32[:, j])
         a32, aq = auc_roc(p32[:, j], y[:, j]), auc_roc(pq[:, j], y[:, j])
-        defined = math.isfinite(a32) and math.isfinite(aq)
+        defined = math.isfinite(a32) and math.isfinite(aq) and bool(finite.all())
         same = (p32[:, j] >= out.threshold_positive) == (pq[:, j] >= out.threshold_positive)
-        diff = np.abs(p32[:, j] - pq[:, j])
+        diff = np.abs(p32[:, j] - pq[:, j])[finite]
         checks.append(OutputCheck(
             name=out.name, positives=int(y[:, j].sum()), negatives=int(len(used) - y[:, j].sum()),
             auc_fp32=a32 if defined else None, auc_quantized=aq if defined else None,
             auc_change=aq - a32 if defined else None, threshold_positive=out.threshold_positive,
             decision_agreement=float(same.mean()) if used else 0.0, decisions_changed=int((~same).sum()),
-            max_probability_difference=float(diff.max()) if used else 0.0,
-            mean_probability_difference=float(diff.mean()) if used else 0.0))
+            max_probability_difference=float(diff.max()) if len(diff) else 0.0,
+            mean_probability_difference=float(diff.mean()) if len(diff) else 0.0,
+            non_finite=int((~finite).sum())))
     return checks, len(used), excluded
 
 
@@ -290,7 +295,10 @@ def failures(checks: list[OutputCheck | MaskCheck], max_auc_drop: float, min_agr
                 found.append(f"{c.name}: mean Dice between the FP32 and quantised masks {c.mean_dice:.3f} over "
                              f"{c.studies} studies (lowest {c.min_dice:.3f}), below --min-agreement {min_agreement:g}")
             continue
-        if c.auc_change is None:
+        if c.non_finite:
+            found.append(f"{c.name}: {c.non_finite} validation studies got a probability that is not a number "
+                         "(NaN or infinite) from one of the models; its AUC and decisions mean nothing there")
+        elif c.auc_change is None:
             found.append(f"{c.name}: AUC is undefined: the validation labels have {c.positives} positive and "
                          f"{c.negatives} negative studies; add studies with and without the finding")
         elif c.auc_change < -max_auc_drop - 1e-12:

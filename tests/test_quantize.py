@@ -441,3 +441,25 @@ def test_the_fp16_report_names_the_layers_the_converter_leaves_in_float32(tmp_pa
     cast = next(n for n in converted.graph.node if resize.input[0] in n.output)
     assert cast.op_type == "Cast" and helper.get_attribute_value(cast.attribute[0]) == TensorProto.FLOAT
     assert settings["float32_nodes"] == ["upsample"]
+
+
+def test_a_quantised_model_giving_nan_for_a_study_is_refused(tmp_path):
+    """A NaN (float16 overflow, say) ranks above every study in the AUC and is never positive, so
+    on a positive study scored negative by FP32 neither the AUC nor the decisions would notice."""
+    from export.quantize import compare, failures
+    from export.studies import LabelledStudy, StudyPrediction
+
+    pkg = load_package(DEMO)
+    truth = np.array([[1, 1], [1, 0], [0, 1], [0, 0], [1, 0], [0, 1]], dtype=np.int8)
+    p32 = np.array([[0.9, 0.8], [0.7, 0.2], [0.2, 0.3], [0.1, 0.1], [0.6, 0.2], [0.3, 0.7]])
+    pq = p32.copy()
+    pq[2, 1] = np.nan   # a positive study FP32 scores below threshold_positive
+    studies = [LabelledStudy(f"s{i}.dcm", i + 2, (tmp_path / f"s{i}.dcm",), {}) for i in range(len(truth))]
+    checks, used, _ = compare(pkg, [StudyPrediction(s, p) for s, p in zip(studies, p32)],
+                              [StudyPrediction(s, p) for s, p in zip(studies, pq)], truth)
+    assert used == 6
+    pneumothorax = next(c for c in checks if c.name == "pneumothorax")
+    assert pneumothorax.non_finite == 1 and pneumothorax.auc_change is None
+    assert np.isfinite(pneumothorax.max_probability_difference)
+    found = failures(checks, max_auc_drop=0.01, min_agreement=0.95)
+    assert len(found) == 1 and found[0].startswith("pneumothorax: 1 validation studies got a probability that is not")
