@@ -651,6 +651,15 @@ def _run(args) -> int:
         print(f"appliance: {pkg.name} took none of the {len(studies)} studies ({reasons}); check that the "
               "studies are the modality and body part its [applicability] names", file=sys.stderr)
         return 1
+    # A NaN ranks above every score in the AUC and is never >= a threshold: metrics computed over
+    # one would look like numbers and mean nothing.
+    broken = [predictions[i].study for i in evaluated if not np.all(np.isfinite(predictions[i].probabilities))]
+    if broken:
+        named = ", ".join(f"line {s.row} ({s.key})" for s in broken[:5]) + (", ..." if len(broken) > 5 else "")
+        print(f"appliance: {pkg.name} gave a probability that is not a number (NaN or infinite) for {len(broken)} "
+              f"of the {len(evaluated)} studies it took: {named}; no metrics are computed over such outputs: "
+              "check the model (an overflow, a float16 conversion) on these studies", file=sys.stderr)
+        return 1
 
     rows: list[dict] = []
     if pkg.task == "classification":

@@ -285,6 +285,42 @@ def test_one_study_named_twice_in_two_spellings_is_refused(tmp_path, two_phantom
     assert "'nodule' more than once" in capsys.readouterr().err
 
 
+def test_a_model_giving_nan_is_refused_rather_than_measured(tmp_path, two_phantoms, capsys):
+    from onnx import TensorProto, helper, numpy_helper
+
+    package = tmp_path / "nan-model"
+    package.mkdir()
+    # nodule's logit is sqrt of a negative number: NaN on every image; pneumothorax's is finite.
+    sign = numpy_helper.from_array(np.array([[-1.0, 1.0]], np.float32), "sign")
+    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("Abs", ["flat"], ["magnitude"]),
+         helper.make_node("Add", ["magnitude", "one"], ["positive"]),
+         helper.make_node("Mul", ["positive", "sign"], ["signed"]),
+         helper.make_node("Sqrt", ["signed"], ["logits"])],
+        "nan", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 256, 256])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], [sign, one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx_path = package / "model.onnx"
+    onnx_path.write_bytes(model.SerializeToString())
+    manifest = (BUNDLED_DIR / "cxr-triage" / "manifest.toml").read_text()
+    manifest = manifest.replace('heatmap_tensor = "cam"\n', "")
+    manifest = manifest[:manifest.index("\n[hashes]\n") + 1] + (
+        f'[hashes]\n"model.onnx" = "sha256:{hashlib.sha256(onnx_path.read_bytes()).hexdigest()}"\n')
+    (package / "manifest.toml").write_text(manifest)
+    labels = _write_labels(tmp_path / "labels.csv", ["path", "nodule", "pneumothorax"],
+                           [["s0.dcm", "0", "1"], ["s1.dcm", "1", "0"]])
+    out = tmp_path / "out"
+    code = main(["evaluate", str(package), "--studies", str(two_phantoms), "--labels", str(labels), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "not a number (NaN or infinite) for 2 of the 2 studies" in err and "line 2 (s0.dcm)" in err
+    assert not out.exists()
+
+
 def test_a_detection_package_is_refused_plainly(tmp_path, two_phantoms, capsys):
     package = tmp_path / "detector"
     shutil.copytree(BUNDLED_DIR / "cxr-triage", package)
