@@ -335,6 +335,14 @@ def _mask_columns(csv_path: Path, studies: list[LabelledStudy], pkg: ModelPackag
                 raise LabelsError(f"{csv_path}, line {study.row}, column mask: output {', '.join(zero)} is channel "
                                   "0, which a label map keeps for background; give it a binary mask in column "
                                   f"mask_{zero[0]}")
+            shared = sorted({o.index for o in missing if sum(m.index == o.index for m in missing) > 1})
+            if shared:
+                # Two outputs on one value of the label map (channel v of two tensors): whichever
+                # is measured against it, one of them is measured against the other's structure.
+                both = [o.name for o in missing if o.index in shared]
+                raise LabelsError(f"{csv_path}, line {study.row}, column mask: outputs {', '.join(both)} are all "
+                                  f"channel {shared[0]}, one value of a label map; give each a binary mask in "
+                                  f"its own column mask_<output name>")
             label_map = _mask_path(csv_path, study, "mask", base)
         result.append(ReferenceMasks(label_map, per_output))
         for column, path in [("mask", label_map), *((f"mask_{k}", v) for k, v in per_output.items())]:

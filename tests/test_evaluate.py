@@ -545,3 +545,25 @@ def test_volume_of_an_overlapping_ct_reconstruction_uses_the_distance_between_sl
     row = _read_csv(tmp_path / "out" / "predictions.csv")[0]
     assert row["bright_unit"] == "mL"
     assert float(row["bright_reference_size"]) == pytest.approx((label_map == 1).sum() * SPACING_MM ** 2 * 1.25 / 1000)
+
+
+def test_a_label_map_cannot_stand_for_two_outputs_on_the_same_channel(segmentation_set, tmp_path, capsys):
+    """Two sigmoid tensors each with a structure in channel 1: value 1 of a label map would be
+    both, so one output would be scored against the other's structure."""
+    package = tmp_path / "two-heads"
+    shutil.copytree(segmentation_set["package"], package)
+    manifest = package / "manifest.toml"
+    manifest.write_text(manifest.read_text().replace("index = 2", "index = 1"))
+    labels = _write_labels(tmp_path / "labels.csv", ["path", "mask"],
+                           [["case0", str(segmentation_set["root"] / "masks" / "case0.npy")]])
+    code = main(["evaluate", str(package), "--studies", str(segmentation_set["root"] / "studies"),
+                 "--labels", str(labels)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "line 2, column mask: outputs bright, dark are all channel 1" in err and "mask_<output name>" in err
+    # With a binary mask of its own for one of them, the label map serves the other.
+    np.save(tmp_path / "dark.npy", np.zeros((SLICES, ROWS, COLUMNS), np.uint8))
+    labels = _write_labels(tmp_path / "labels.csv", ["path", "mask", "mask_dark"],
+                           [["case0", str(segmentation_set["root"] / "masks" / "case0.npy"), "dark.npy"]])
+    assert main(["evaluate", str(package), "--studies", str(segmentation_set["root"] / "studies"),
+                 "--labels", str(labels)]) == 0
