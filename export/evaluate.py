@@ -255,7 +255,9 @@ def plot_roc(path: Path, output: dict, probabilities: np.ndarray, truth: np.ndar
     label = "AUC n/a" if auc["value"] is None else f"AUC {auc['value']:.3f}"
     if auc["ci95"]:
         label += f" (95% CI {auc['ci95'][0]:.3f}-{auc['ci95'][1]:.3f}, DeLong)"
-    ax.step(fpr, tpr, where="post", color="C0", label=label)
+    # Points joined by straight lines: a score shared by positives and negatives moves both rates at
+    # once, a diagonal whose area under it is the ties' half counted by the AUC; a staircase is not.
+    ax.plot(fpr, tpr, color="C0", label=label)
     ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="chance")
     for point, marker, colour in zip(output["operating_points"], ("o", "s"), ("C3", "C2")):
         sens, spec = point["sensitivity"]["value"], point["specificity"]["value"]
