@@ -23,7 +23,7 @@ from .config import PRIORITIES, Config
 from .delivery import Delivery
 from .exposition import OpsServer
 from .index import Index
-from .manifest import ModelPackage, find_package
+from .manifest import ManifestError, ModelPackage, find_package
 from .pipeline import Pipeline
 from .runtime import OnnxRuntime, Runtime
 from .scp import StorageSCP
@@ -49,6 +49,11 @@ def load_packages(cfg: Config) -> dict[str, ModelPackage]:
     packages = {name: find_package(name, cfg.model_search_path) for name in names}
     for pkg in packages.values():
         pkg.verify_hashes()
+        if pkg.task != "classification":
+            # The node reports findings as TID 1500 qualitative evaluations; segmentations (DICOM
+            # SEG) and detections are measured by `appliance evaluate` but not yet served.
+            raise ManifestError(f"{pkg.manifest_path}: model.task = {pkg.task!r}: the node serves classification "
+                                "packages only for now; route this package's series to a classification package")
     return packages
 
 

@@ -90,3 +90,24 @@ def test_an_artefact_changed_after_export_stops_the_package(tmp_path):
         f.write(b"\0")
     with pytest.raises(ManifestError, match="model.onnx has sha256:.*the file changed after export"):
         load_package(folder).verify_hashes()
+
+
+def test_the_node_refuses_to_serve_a_segmentation_package_it_cannot_report_yet(tmp_path):
+    from onnx import TensorProto, helper
+
+    from appliance.config import parse
+    from appliance.node import load_packages
+    from segmentation_support import write_segmentation_package
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["logits"])], "seg",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [3, 1, 1, 1], [0.0, 1.0, -1.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    write_segmentation_package(tmp_path / "seg", model, "seg", 8, 8)
+    cfg = parse({"models": {"dirs": [str(tmp_path)]},
+                 "routes": [{"name": "ct", "models": ["seg"], "match": {"Modality": ["CT"]}}]})
+    with pytest.raises(ManifestError, match="model.task = 'segmentation': the node serves classification"):
+        load_packages(cfg)
