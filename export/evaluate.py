@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import sys
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance import __version__
-from appliance.manifest import ManifestError, ModelPackage, Output, find_package, load_package
+from appliance.manifest import ManifestError, ModelPackage, Output, file_sha256, find_package, load_package
 from export.studies import (KEY_COLUMNS, LabelledStudy, LabelsError, StudyPrediction, binary_labels, make_runtime,
                             predict, read_csv, read_labels)
 
@@ -594,10 +593,6 @@ def resolve_package(spec: str, config: str | None) -> ModelPackage:
     return find_package(spec, load(config).model_search_path)
 
 
-def _sha256(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _key_column(csv_path: Path) -> str:
     _, header = read_csv(csv_path)
     return next((c for c in KEY_COLUMNS if c in header), KEY_COLUMNS[0])
@@ -649,7 +644,7 @@ def _run(args) -> int:
     report = {
         "package": {"name": pkg.name, "version": pkg.version, "device_uid": pkg.device_uid, "task": pkg.task,
                     "precision": pkg.precision, "model_sha256": pkg.hashes.get(pkg.model_file)},
-        "labels": {"file": args.labels.name, "sha256": _sha256(args.labels), "key": key_column},
+        "labels": {"file": args.labels.name, "sha256": file_sha256(args.labels), "key": key_column},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "appliance_version": __version__,
         "runtime": "onnxruntime (CPU)",
