@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         p = sub.add_parser(command, help=text, description=(tool.__doc__ or text).strip().split("\n\n")[0])
         tool.add_arguments(p)
-        p.set_defaults(func=tool.run)
+        # A tool's own "the user's input is wrong" errors print like a bad config: a sentence, exit 2.
+        p.set_defaults(func=tool.run, usage_errors=getattr(tool, "USAGE_ERRORS", ()))
 
     args = parser.parse_args(argv)
     from . import logs
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level or "INFO", "text")  # serve re-configures from its config file
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, FileNotFoundError) as e:
+    except (ConfigError, ManifestError, FileNotFoundError, *getattr(args, "usage_errors", ())) as e:
         print(f"appliance: {e}", file=sys.stderr)
         return 2
 

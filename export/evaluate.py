@@ -598,15 +598,11 @@ def _key_column(csv_path: Path) -> str:
     return next((c for c in KEY_COLUMNS if c in header), KEY_COLUMNS[0])
 
 
+#: Errors in what the user gave; appliance.cli prints them as a sentence and exits 2.
+USAGE_ERRORS = (LabelsError,)
+
+
 def run(args) -> int:
-    try:
-        return _run(args)
-    except LabelsError as e:
-        print(f"appliance: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args) -> int:
     pkg = resolve_package(args.package, args.config)
     pkg.verify_hashes()  # measure the model the manifest describes, as the node would load it
     if pkg.task == "detection":

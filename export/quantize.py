@@ -342,12 +342,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the report, manifest and model card say so")
 
 
+#: Errors in what the user gave; appliance.cli prints them as a sentence and exits 2.
+USAGE_ERRORS = (LabelsError,)
+
+
 def run(args) -> int:
     try:
         return _run(args)
-    except LabelsError as e:
-        print(f"appliance: {e}", file=sys.stderr)
-        return 2
     except QuantizationRefused as e:
         print(f"appliance: {e}", file=sys.stderr)
         return 1
